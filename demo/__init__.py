@@ -1,0 +1,1 @@
+"""Stride's embedded default: the digits latent codec and the exact Gaussian-mixture oracle."""

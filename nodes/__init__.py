@@ -1,0 +1,4 @@
+"""ComfyUI adapters: thin nodes that read ComfyUI objects and call Stride's math."""
+from . import demo
+
+NODES = [*demo.NODES]

@@ -1,0 +1,82 @@
+"""Demo nodes: the embedded oracle model and the digits latent decoder (no download needed)."""
+import torch
+
+from comfy_api.latest import io
+
+from ..demo.digits import LATENT_SHAPE, decode
+from .oracle_model import build_oracle_model, digit_conditioning, load_mixture
+
+MODELS = {"oracle_eps": "eps", "oracle_flow": "flow"}
+
+
+def parse_digits(digits):
+    text = digits.replace(",", "").replace(" ", "")
+    if not text or not text.isdigit():
+        raise ValueError(f"digits must list digits 0-9, like '7' or '0123456789'; got {digits!r}")
+    return [int(c) for c in text]
+
+
+class StrideDemoModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="StrideDemoModel",
+            display_name="Demo model loader (Stride)",
+            category="sampling/stride/demo",
+            description="Loads Stride's embedded demo model, no download needed: an exact Gaussian-mixture "
+                        "oracle on 8x8 digits whose denoiser is analytic, so every sampler can be checked "
+                        "against the true answer. Outputs the model, the conditioning for the chosen digits, "
+                        "the unconditional (negative) conditioning and an empty latent.",
+            inputs=[
+                io.Combo.Input("model", options=list(MODELS), default="oracle_eps",
+                               tooltip="oracle_eps: EPS prediction with the SD1.5 discrete schedule. "
+                                       "oracle_flow: rectified flow (CONST), like SD3, Flux and Wan."),
+                io.String.Input("digits", default="0123456789",
+                                tooltip="Which digits to draw, one image per digit and per repeat, e.g. '7' or '0123456789'."),
+                io.Int.Input("repeats", default=1, min=1, max=64,
+                             tooltip="How many images of each listed digit (the batch is digits x repeats)."),
+                io.Float.Input("shift", default=1.0, min=0.01, max=100.0, step=0.01,
+                               tooltip="Flow models only: the SD3-style time shift of the schedule (1 = none). "
+                                       "Must stay 1.0 for the EPS oracle."),
+            ],
+            outputs=[
+                io.Model.Output(tooltip="The demo model."),
+                io.Conditioning.Output(display_name="positive", tooltip="Selects the listed digits."),
+                io.Conditioning.Output(display_name="negative", tooltip="Unconditional: all digits."),
+                io.Latent.Output(tooltip="An empty [batch, 4, 8, 8] digits latent."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, digits, repeats, shift):
+        labels = [d for d in parse_digits(digits) for _ in range(repeats)]
+        patcher = build_oracle_model(MODELS[model], shift)
+        latent = {"samples": torch.zeros(len(labels), *LATENT_SHAPE)}
+        return io.NodeOutput(patcher, digit_conditioning(labels), digit_conditioning([-1]), latent)
+
+
+class StrideDigitsDecode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="StrideDigitsDecode",
+            display_name="Decode digits latent (Stride)",
+            category="sampling/stride/demo",
+            description="Turns a [batch, 4, 8, 8] digits latent into images, exactly (depth-to-space).",
+            inputs=[
+                io.Latent.Input("samples", tooltip="A digits latent from a sampler run on the Stride demo model."),
+                io.Int.Input("scale", default=8, min=1, max=64,
+                             tooltip="Nearest-neighbour enlargement of the 16x16 digits, for viewing."),
+            ],
+            outputs=[io.Image.Output(tooltip="The digits as images, white on black.")],
+        )
+
+    @classmethod
+    def execute(cls, samples, scale):
+        mixture = load_mixture()
+        grey = decode(samples["samples"].cpu().double(), mixture.latent_mean.cpu(), mixture.latent_std.cpu())
+        grey = grey.clamp(0, 1).repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+        return io.NodeOutput(grey.float().unsqueeze(-1).expand(-1, -1, -1, 3).contiguous())
+
+
+NODES = [StrideDemoModel, StrideDigitsDecode]

@@ -1,0 +1,1 @@
+"""Stride's sampling math: pure PyTorch, never imports ComfyUI."""

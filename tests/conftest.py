@@ -1,0 +1,50 @@
+"""Stride's test harness: the real ComfyUI 0.3.75 on CPU, with Stride loaded by ComfyUI's own loader.
+
+ComfyUI is booted once, at collection time, before pytest imports anything of the pack (the root
+__init__.py imports comfy_api). Tests take node classes from ComfyUI's registry and Stride modules
+through `stride(...)`, never by importing the pack themselves.
+"""
+import asyncio
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import host  # noqa: E402
+
+host.boot()
+TEST_NODES = os.path.join(os.path.dirname(__file__), "test_nodes", "capture.py")
+import nodes as comfy_nodes  # noqa: E402  (ComfyUI's nodes.py: host.boot put its root first)
+
+asyncio.run(comfy_nodes.load_custom_node(TEST_NODES, module_parent="test_nodes"))
+
+
+@pytest.fixture(scope="session")
+def stride():
+    """stride('demo.oracle') -> the Stride submodule as ComfyUI loaded it."""
+    return host.stride
+
+
+@pytest.fixture(scope="session")
+def node_class():
+    """node_class('StrideDemoModel') -> the class registered in ComfyUI."""
+    return lambda name: comfy_nodes.NODE_CLASS_MAPPINGS[name]
+
+
+@pytest.fixture(scope="session")
+def oracle_model(stride):
+    """oracle_model('eps' | 'flow', shift=1.0) -> a ComfyUI ModelPatcher around the exact oracle."""
+    return stride("nodes.oracle_model").build_oracle_model
+
+
+@pytest.fixture
+def run_prompt():
+    """run_prompt(api_prompt) -> (history outputs, {key: tensor} from StrideTestCapture nodes)."""
+    captured = comfy_nodes.NODE_CLASS_MAPPINGS["StrideTestCapture"].captured
+
+    def run(prompt):
+        captured.clear()
+        outputs = host.run_prompt(prompt)
+        return outputs, dict(captured)
+    return run
