@@ -57,6 +57,13 @@ class GaussianMixture(torch.nn.Module):
     def dim(self):
         return self.means.shape[1]
 
+    def data_std(self):
+        """Standard deviation of x0 pooled over all dimensions (the unit of Stride's error tables)."""
+        w = self.log_weights.exp().view(-1, 1)
+        second = (w * (self.factors.pow(2).sum(-1) + self.diag + self.means ** 2)).sum(0)
+        mean = (w * self.means).sum(0)
+        return (second - mean ** 2).mean().sqrt().item()
+
     def _component_log_prior(self, labels):
         """[B, K] log pi_k restricted to each row's label (all components for UNCONDITIONAL)."""
         labels = torch.as_tensor(labels, dtype=torch.int64, device=self.labels.device).view(-1, 1)
