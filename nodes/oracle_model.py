@@ -14,6 +14,7 @@ import comfy.latent_formats
 import comfy.model_base
 import comfy.model_management
 import comfy.model_patcher
+import comfy.patcher_extension
 import comfy.supported_models_base
 
 from ..demo.oracle import UNCONDITIONAL, GaussianMixture
@@ -71,6 +72,13 @@ class OracleDiffusion(torch.nn.Module):
         return sigmas
 
     def forward(self, x, timesteps, context=None, transformer_options={}, **kwargs):
+        # DIFFUSION_MODEL wrappers (caches, counters) apply here as they do on ComfyUI's own networks.
+        wrappers = comfy.patcher_extension.get_all_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL,
+                                                            transformer_options)
+        executor = comfy.patcher_extension.WrapperExecutor.new_class_executor(self._forward, self, wrappers)
+        return executor.execute(x, timesteps, context, transformer_options, **kwargs)
+
+    def _forward(self, x, timesteps, context=None, transformer_options={}, **kwargs):
         if tuple(x.shape[1:]) != (4, 8, 8):
             raise ValueError(f"The Stride oracle model works on [batch, 4, 8, 8] digits latents; got {list(x.shape)}. "
                              "Use the LATENT of the Stride demo model loader.")

@@ -1,0 +1,41 @@
+"""Honest numbers: count model evaluations inside the model (an APPLY_MODEL wrapper on a clone).
+
+NFE counts evaluations that include the conditional pass (a CFG pair batched or split counts once);
+unconditional passes are counted separately, since that is what guidance tweaks save.
+"""
+import time
+
+import comfy.patcher_extension
+
+KEY = "stride_call_counter"
+
+
+class ModelCallCounter:
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.cond = 0
+        self.uncond = 0
+        self.seconds = 0.0
+
+    @property
+    def nfe(self):
+        return self.cond
+
+    def __call__(self, executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+        chunks = transformer_options.get("cond_or_uncond", [0])
+        self.cond += 0 in chunks
+        self.uncond += 1 in chunks
+        start = time.perf_counter()
+        out = executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        self.seconds += time.perf_counter() - start
+        return out
+
+
+def count_model_calls(model):
+    """(clone of the ModelPatcher with a counter attached, the counter); the original is untouched."""
+    counter = ModelCallCounter()
+    clone = model.clone()
+    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, KEY, counter)
+    return clone, counter
