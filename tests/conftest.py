@@ -9,15 +9,19 @@ import os
 import sys
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import host  # noqa: E402
 
+torch.set_num_threads(1)  # small tensors; and the test server shares the 2 cores
 host.boot()
 TEST_NODES = os.path.join(os.path.dirname(__file__), "test_nodes", "capture.py")
 import nodes as comfy_nodes  # noqa: E402  (ComfyUI's nodes.py: host.boot put its root first)
 
 asyncio.run(comfy_nodes.load_custom_node(TEST_NODES, module_parent="test_nodes"))
+from tiny_models import tiny_unet, tiny_dit  # noqa: E402,F401
+from comfy_server import comfy_server  # noqa: E402,F401
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,82 @@
+"""Session fixture `comfy_server`: the real ComfyUI server (main.py) with Stride installed.
+
+Stride is symlinked into a private base directory's custom_nodes/ as `stride`, exactly as a user
+installs it, and the server runs on CPU on a free local port. The fixture yields the base URL and
+stops the server by its PID at the end of the session.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from bench import host
+
+START_TIMEOUT_S = 90
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _log_tail(path, lines=40):
+    with open(path, errors="replace") as f:
+        return "".join(f.readlines()[-lines:])
+
+
+def _wait_ready(url, proc, log_path):
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ComfyUI exited with code {proc.returncode}:\n{_log_tail(log_path)}")
+        try:
+            with urllib.request.urlopen(f"{url}/object_info", timeout=10) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.25)
+    raise TimeoutError(f"ComfyUI did not answer /object_info in {START_TIMEOUT_S} s:\n{_log_tail(log_path)}")
+
+
+def post_json(url, data):
+    request = urllib.request.Request(url, data=json.dumps(data).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        body = response.read()
+        return json.loads(body) if body else None
+
+
+@pytest.fixture(scope="session")
+def comfy_server(tmp_path_factory):
+    """The base URL (http://127.0.0.1:<port>) of a running ComfyUI with Stride in custom_nodes/stride."""
+    base = tmp_path_factory.mktemp("comfy-server")
+    (base / "custom_nodes").mkdir()
+    os.symlink(host.REPO, base / "custom_nodes" / "stride")
+    port = _free_port()
+    log_path = base / "server.log"
+    pythonpath = os.pathsep.join(filter(None, [host.STUBS, os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=pythonpath)
+    command = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+               "--disable-auto-launch", "--base-directory", str(base), "--database-url", "sqlite:///:memory:"]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(command, cwd=host.COMFY_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(url, proc, log_path)
+        post_json(f"{url}/api/settings/Comfy.TutorialCompleted", True)  # no first-run dialog in the UI
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
