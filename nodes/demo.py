@@ -38,6 +38,9 @@ class StrideDemoModel(io.ComfyNode):
                 io.Float.Input("shift", default=1.0, min=0.01, max=100.0, step=0.01,
                                tooltip="Flow models only: the SD3-style time shift of the schedule (1 = none). "
                                        "Must stay 1.0 for the EPS oracle."),
+                io.Boolean.Input("zero_terminal_snr", default=False,
+                                 tooltip="EPS oracle only: rescale the SD1.5 schedule to zero terminal SNR "
+                                         "(like ModelSamplingDiscrete's zsnr), so sampling starts from pure noise."),
             ],
             outputs=[
                 io.Model.Output(tooltip="The demo model."),
@@ -48,9 +51,9 @@ class StrideDemoModel(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, digits, repeats, shift):
+    def execute(cls, model, digits, repeats, shift, zero_terminal_snr=False):
         labels = [d for d in parse_digits(digits) for _ in range(repeats)]
-        patcher = build_oracle_model(MODELS[model], shift)
+        patcher = build_oracle_model(MODELS[model], shift, zero_terminal_snr)
         latent = {"samples": torch.zeros(len(labels), *LATENT_SHAPE)}
         return io.NodeOutput(patcher, digit_conditioning(labels), digit_conditioning([-1]), latent)
 

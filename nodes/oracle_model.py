@@ -104,14 +104,18 @@ class OracleConfig(comfy.supported_models_base.BASE):
         self.sampling_settings = dict(sampling_settings)
 
 
-def build_oracle_model(parameterization="eps", shift=1.0):
-    """A ModelPatcher around the oracle: 'eps' (SD1.5 discrete schedule) or 'flow' (CONST, SD3-style shift)."""
+def build_oracle_model(parameterization="eps", shift=1.0, zero_terminal_snr=False):
+    """A ModelPatcher around the oracle: 'eps' (SD1.5 discrete schedule, optionally rescaled to zero
+    terminal SNR) or 'flow' (CONST, SD3-style shift)."""
     if parameterization not in PARAMETERIZATIONS:
         raise ValueError(f"parameterization must be one of {list(PARAMETERIZATIONS)}, got {parameterization!r}")
     if parameterization == "eps" and shift != 1.0:
-        raise ValueError(f"shift={shift} is a flow-model option; the EPS oracle uses the fixed SD1.5 "
+        raise ValueError(f"shift={shift} is a flow-model option; the EPS oracle uses the SD1.5 discrete "
                          "schedule. Set shift to 1.0 or choose the flow oracle.")
-    settings = {"shift": shift, "multiplier": 1000} if parameterization == "flow" else {}
+    if parameterization == "flow" and zero_terminal_snr:
+        raise ValueError("zero_terminal_snr is an EPS option (it rescales the SD1.5 discrete schedule); "
+                         "a flow model already reaches pure noise at sigma = 1. Turn it off or choose the EPS oracle.")
+    settings = {"shift": shift, "multiplier": 1000} if parameterization == "flow" else {"zsnr": zero_terminal_snr}
     mixture = load_mixture()
     model = comfy.model_base.BaseModel(OracleConfig(settings), model_type=PARAMETERIZATIONS[parameterization],
                                        device=torch.device("cpu"),

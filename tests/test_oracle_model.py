@@ -53,9 +53,10 @@ def test_comfyui_sampler_converges_to_the_reference(om, oracle_model, param, sch
     assert errors[2] < 0.02  # a second-order solver at 32 steps is close to the exact answer
 
 
-def _demo_prompt(model="oracle_eps", digits="0123456789", shift=1.0, latent_from=None):
+def _demo_prompt(model="oracle_eps", digits="0123456789", shift=1.0, zsnr=False, latent_from=None):
     prompt = {
-        "1": {"class_type": "StrideDemoModel", "inputs": {"model": model, "digits": digits, "repeats": 1, "shift": shift}},
+        "1": {"class_type": "StrideDemoModel", "inputs": {"model": model, "digits": digits, "repeats": 1, "shift": shift,
+                                                          "zero_terminal_snr": zsnr}},
         "2": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["1", 1], "negative": ["1", 2],
                                                    "latent_image": latent_from or ["1", 3], "seed": 3, "steps": 12,
                                                    "cfg": 3.0, "sampler_name": "euler", "scheduler": "karras",
@@ -97,6 +98,22 @@ def test_unknown_digit_is_a_clear_error(run_prompt, digits):
 def test_shift_on_the_eps_oracle_is_a_clear_error(run_prompt):
     with pytest.raises(RuntimeError, match="flow-model option"):
         run_prompt(_demo_prompt(shift=3.0))
+
+
+def test_eps_only_option_on_the_flow_oracle_is_a_clear_error(run_prompt):
+    with pytest.raises(RuntimeError, match="zero_terminal_snr is an EPS option"):
+        run_prompt(_demo_prompt(model="oracle_flow", zsnr=True))
+
+
+def test_zero_terminal_snr_eps_oracle_starts_from_pure_noise(om, oracle_model):
+    ms = oracle_model("eps", zero_terminal_snr=True).get_model_object("model_sampling")
+    assert float(ms.sigma_max) > 1000 > float(oracle_model("eps").get_model_object("model_sampling").sigma_max)
+
+
+def test_zero_terminal_snr_eps_oracle_samples_digits(run_prompt):
+    _, captured = run_prompt(_demo_prompt(zsnr=True))
+    image = captured["image"]
+    assert torch.isfinite(image).all() and (image > 0.5).float().mean() > 0.05
 
 
 def test_wrong_latent_shape_is_a_clear_error(run_prompt):
