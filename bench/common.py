@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmark programs: arguments, the oracle setup, running one sampling setup."""
+"""Shared pieces of the benchmark programs: arguments, the model setups, running one sampling setup."""
 import argparse
 import json
 import time
@@ -6,10 +6,12 @@ import time
 import torch
 
 from . import host
+from .reference import oracle_reference
+
 
 
 def parser(description):
-    # One intra-op thread: the oracle's small tensors gain nothing from two, and two threads slow down
+    # One intra-op thread: the models' small tensors gain nothing from two, and two threads slow down
     # badly whenever another process shares the 2-core machine.
     torch.set_num_threads(1)
     p = argparse.ArgumentParser(description=description)
@@ -25,22 +27,22 @@ def write_json(path, data):
         print(f"\nwrote {path}")
 
 
-class OracleSetup:
-    """The oracle model in one parameterization, digits x seeds, their noise and conditioning."""
+class ModelSetup:
+    """A demo model (the oracle, or a trained network), digits x seeds, their noise and conditioning."""
 
-    def __init__(self, param, seeds, digits=range(10)):
+    def __init__(self, name, seeds, digits=range(10), shift=1.0):
         import comfy.sample
-        om = host.stride("nodes.oracle_model")
+        demo = host.stride("nodes.demo")
+        self.name = name
+        self.is_oracle = name in demo.ORACLES
         self.counting = host.stride("nodes.counting")
-        self.mixture = om.load_mixture()
-        self.model = om.build_oracle_model(param)
-        self.model_sampling = self.model.get_model_object("model_sampling")
+        self.mixture = demo.load_mixture()  # the oracle, and the data standard deviation of the latent space
         self.labels = torch.tensor([d for _ in seeds for d in digits])
+        self.model, self.positive, self.negative = demo.load_demo_model(name, self.labels, shift, False)
+        self.model_sampling = self.model.get_model_object("model_sampling")
         one = torch.zeros(len(digits), 4, 8, 8)
         self.noise = torch.cat([comfy.sample.prepare_noise(one, s) for s in seeds])
         self.latent = torch.zeros_like(self.noise)
-        self.positive = om.digit_conditioning(self.labels)
-        self.negative = om.digit_conditioning([-1])
 
     def sample(self, sampler, sigmas, cfg):
         """Run ComfyUI's own sampling path (as SamplerCustom does); returns (x, counter, seconds)."""
@@ -50,3 +52,13 @@ class OracleSetup:
         x = comfy.sample.sample_custom(model, self.noise, cfg, sampler, sigmas, self.positive, self.negative,
                                        self.latent, seed=0, disable_pbar=True)
         return x, counter, time.perf_counter() - start
+
+    def reference(self, sigma_start, cfg, rtol):
+        """x_ref from sigma_start: the exact oracle's, or the network's own PF-ODE solved to sigma_min."""
+        if self.is_oracle:
+            return oracle_reference(self.mixture, self.model_sampling, sigma_start, self.noise, self.labels, cfg, rtol)
+        import comfy.samplers
+        solver = host.stride("samplers.reference").sample_reference
+        sigmas = torch.tensor([float(sigma_start), float(self.model_sampling.sigma_min), 0.0])
+        x, _, _ = self.sample(comfy.samplers.KSAMPLER(solver, {"rtol": rtol, "atol": rtol}), sigmas, cfg)
+        return x.double()

@@ -1,18 +1,18 @@
-"""The demo (`make demo`): run Stride's example workflows headless on the exact oracle model, with several
-ComfyUI samplers and step counts; write an image grid per model and the error table to out/demo/.
+"""The demo (`make demo`): run Stride's example workflows headless on the demo models (the exact oracle and
+the trained networks), with several ComfyUI samplers and step counts; write an image grid per model and the
+error table (against x_ref: the oracle's exact answer, or the network's own ODE solved tightly) to out/demo/.
 
     .venv/bin/python -m bench.demo [--quick]
 """
 import os
 import time
 
-import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 from . import host
-from .common import parser, write_json
-from .reference import error_vs_reference, oracle_reference
+from .common import ModelSetup, parser, write_json
+from .reference import error_vs_reference
 from .workflow import load_example, ui_to_api
 
 OUT = os.path.join(host.REPO, "out", "demo")
@@ -82,9 +82,7 @@ def main():
     samplers, steps_list = (SAMPLERS[:3], STEPS[::2]) if args.quick else (SAMPLERS, STEPS)
     os.makedirs(OUT, exist_ok=True)
     host.boot(base_dir=os.path.join(OUT, "comfyui"))
-    import comfy.sample
-    om = host.stride("nodes.oracle_model")
-    mixture = om.load_mixture()
+    mixture = host.stride("nodes.demo").load_mixture()
     start = time.perf_counter()
     table = ["| model | sampler | " + " | ".join(f"{s} steps" for s in steps_list) + " |",
              "|---|---|" + "---|" * len(steps_list)]
@@ -94,11 +92,9 @@ def main():
         loader, ksampler = node_of(prompt, "StrideDemoModel")["inputs"], node_of(prompt, "KSampler")["inputs"]
         model_name = loader["model"]
         labels = [int(c) for c in loader["digits"] for _ in range(loader["repeats"])]
-        patcher = om.build_oracle_model(host.stride("nodes.demo").MODELS[model_name], loader["shift"])
-        ms = patcher.get_model_object("model_sampling")
-        noise = comfy.sample.prepare_noise(torch.zeros(len(labels), 4, 8, 8), ksampler["seed"])
-        x_ref = oracle_reference(mixture, ms, float(ms.sigma_max), noise, labels, ksampler["cfg"])
-        rows = [("exact (x_ref)", {steps_list[0]: strip(decode_images(mixture, x_ref))})]
+        setup = ModelSetup(model_name, [ksampler["seed"]], labels, loader["shift"])
+        x_ref = setup.reference(float(setup.model_sampling.sigma_max), ksampler["cfg"], 1e-8 if setup.is_oracle else 1e-5)
+        rows = [("exact (x_ref)" if setup.is_oracle else "reference ODE", {steps_list[0]: strip(decode_images(mixture, x_ref))})]
         for sampler in samplers:
             cells, errors = {}, []
             for steps in steps_list:

@@ -1,19 +1,20 @@
-"""Baseline: ComfyUI's own samplers x schedulers on the exact oracle, error against x_ref per NFE.
+"""Baseline: ComfyUI's own samplers x schedulers on the demo models, error against x_ref per NFE.
 
     .venv/bin/python -m bench.solvers [--quick] [--json PATH]
 
 Error = per-image RMSE over the latent against x_ref (the guided PF-ODE solved to the model's
-sigma_min with the reference solver from the same noise, then denoised), in units of the data standard
+sigma_min with the reference solver from the same noise, then denoised: analytic for the exact oracle,
+the network's own ODE at tolerance 1e-5 for the trained models), in units of the data standard
 deviation, averaged over digits 0-9 x seeds. NFE is counted inside the model (a CFG pair counts once).
 """
-import math
+import os
 import time
 
 import torch
 
 from . import host
-from .common import OracleSetup, parser, write_json
-from .reference import error_vs_reference, oracle_reference
+from .common import ModelSetup, parser, write_json
+from .reference import error_vs_reference
 
 # label -> (ComfyUI sampler name, extra options or None for sampler_object(), evaluations per step)
 SAMPLERS = {
@@ -32,10 +33,20 @@ SCHEDULERS = ["simple", "karras", "exponential", "beta", "sgm_uniform", "kl_opti
 SCHEDULE_NODES = {"AYS (SD1)": ("AlignYourStepsScheduler", {"model_type": "SD1"}),
                   "GITS 1.20": ("GITSScheduler", {"coeff": 1.20})}   # EPS (SD1.5 schedule) only
 NFES = [4, 5, 6, 8, 10, 15, 20]
-QUICK = {"samplers": ["euler", "heun", "dpmpp_2m", "uni_pc*", "deis"], "schedulers": ["simple", "karras"],
-         "nfes": [4, 6, 10, 20], "seeds": [0], "rtol": 1e-7}
-FULL = {"samplers": list(SAMPLERS), "schedulers": SCHEDULERS + list(SCHEDULE_NODES), "nfes": NFES,
-        "seeds": [0, 1], "rtol": 1e-8}
+ORACLE_GRID = {"samplers": list(SAMPLERS), "schedulers": SCHEDULERS + list(SCHEDULE_NODES), "nfes": NFES,
+               "cfgs": [1.0, 5.5], "seeds": [0, 1], "rtol": 1e-8}
+NETWORK_GRID = {"samplers": ["euler", "heun", "dpmpp_2m", "dpmpp_3m_sde eta=0", "uni_pc*", "deis", "ipndm"],
+                "schedulers": ["simple", "karras", "exponential", "beta", "AYS (SD1)"], "nfes": [4, 6, 8, 10, 15, 20],
+                "cfgs": [1.0, 3.0], "seeds": [0, 1], "rtol": 1e-5}
+FULL = {"oracle_eps": ORACLE_GRID, "oracle_flow": ORACLE_GRID, "unet_large": NETWORK_GRID,
+        "unet_small": NETWORK_GRID, "dit_large": NETWORK_GRID, "dit_small": NETWORK_GRID}
+_QUICK_ORACLE = {"samplers": ["euler", "heun", "dpmpp_2m", "uni_pc*", "deis"], "schedulers": ["simple", "karras"],
+                 "nfes": [4, 6, 10, 20], "cfgs": [1.0, 5.5], "seeds": [0], "rtol": 1e-7}
+_QUICK_NETWORK = {"samplers": ["euler", "dpmpp_2m"], "schedulers": ["karras"], "nfes": [4, 10], "cfgs": [3.0],
+                  "seeds": [0], "rtol": 1e-4}
+QUICK = {"oracle_eps": _QUICK_ORACLE, "oracle_flow": _QUICK_ORACLE, "unet_small": _QUICK_NETWORK,
+         "dit_small": _QUICK_NETWORK}
+EPS_MODELS = {"oracle_eps", "unet_large", "unet_small"}  # AYS/GITS are SD1.5-schedule nodes
 
 
 def sampler_object(label):
@@ -63,27 +74,33 @@ def schedule(model_sampling, label, scheduler, steps):
     return comfy.samplers.calculate_sigmas(model_sampling, scheduler, steps)
 
 
-def measure(config):
+def available(names):
+    """The models to measure: trained networks only when their weights are in the repository."""
+    nm = host.stride("nodes.neural_models")
+    return [n for n in names if n not in nm.SPECS or os.path.exists(nm.weights_path(n))]
+
+
+def measure(plan):
     rows = []
-    for param in ("eps", "flow"):
-        setup = OracleSetup(param, config["seeds"])
+    for name in available(plan):
+        grid = plan[name]
+        setup = ModelSetup(name, grid["seeds"])
         data_std = setup.mixture.data_std()
         references = {}
-        for cfg in (1.0, 5.5):
-            for scheduler in config["schedulers"]:
-                if scheduler in SCHEDULE_NODES and param != "eps":
+        for cfg in grid["cfgs"]:
+            for scheduler in grid["schedulers"]:
+                if scheduler in SCHEDULE_NODES and name not in EPS_MODELS:
                     continue
-                for label in config["samplers"]:
-                    for nfe in config["nfes"]:
+                for label in grid["samplers"]:
+                    for nfe in grid["nfes"]:
                         steps = steps_for(label, nfe)
                         sigmas = schedule(setup.model_sampling, label, scheduler, steps)
                         key = (cfg, round(float(sigmas[0]), 5))
                         if key not in references:
-                            references[key] = oracle_reference(setup.mixture, setup.model_sampling, sigmas[0],
-                                                               setup.noise, setup.labels, cfg, config["rtol"])
+                            references[key] = setup.reference(sigmas[0], cfg, grid["rtol"])
                         x, counter, seconds = setup.sample(sampler_object(label), sigmas, cfg)
                         err = error_vs_reference(x, references[key], data_std)
-                        rows.append({"param": param, "cfg": cfg, "sampler": label, "scheduler": scheduler,
+                        rows.append({"model": name, "cfg": cfg, "sampler": label, "scheduler": scheduler,
                                      "target_nfe": nfe, "steps": steps, "nfe": counter.nfe,
                                      "uncond_passes": counter.uncond, "error": err.mean().item(),
                                      "median_error": err.median().item(), "seconds": seconds,
@@ -91,14 +108,19 @@ def measure(config):
     return rows
 
 
-def error_table(rows, param, cfg, nfes):
+def settings(rows):
+    """(model, cfg) pairs in measurement order."""
+    return list(dict.fromkeys((r["model"], r["cfg"]) for r in rows))
+
+
+def error_table(rows, model, cfg, nfes):
     """Markdown: sampler x scheduler rows, NFE columns of 'mean / median' error; '(n)' marks a counted NFE
     that differs from the column's."""
-    lines = [f"| sampler | scheduler | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
+    lines = ["| sampler | scheduler | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
              "|---|---|" + "---|" * len(nfes)]
     cells = {}
     for r in rows:
-        if r["param"] == param and r["cfg"] == cfg:
+        if r["model"] == model and r["cfg"] == cfg:
             mark = "" if r["nfe"] == r["target_nfe"] else f" ({r['nfe']})"
             cells.setdefault((r["sampler"], r["scheduler"]), {})[r["target_nfe"]] = \
                 f"{r['error']:.3g} / {r['median_error']:.3g}{mark}"
@@ -110,52 +132,51 @@ def error_table(rows, param, cfg, nfes):
 def best_table(rows, nfes):
     """Markdown: the best sampler/scheduler pair per setting and NFE."""
     lines = ["| model | cfg | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---|---|" + "---|" * len(nfes)]
-    for param in ("eps", "flow"):
-        for cfg in (1.0, 5.5):
-            best = []
-            for n in nfes:
-                pool = [r for r in rows if r["param"] == param and r["cfg"] == cfg and r["target_nfe"] == n
-                        and r["nfe"] <= n]
-                top = min(pool, key=lambda r: r["error"], default=None)
-                best.append(f"{top['error']:.3g} {top['sampler']}/{top['scheduler']}" if top else "")
-            lines.append(f"| oracle {param} | {cfg} | " + " | ".join(best) + " |")
+    for model, cfg in settings(rows):
+        best = []
+        for n in nfes:
+            pool = [r for r in rows if r["model"] == model and r["cfg"] == cfg and r["target_nfe"] == n
+                    and r["nfe"] <= n]
+            top = min(pool, key=lambda r: r["error"], default=None)
+            best.append(f"{top['error']:.3g} {top['sampler']}/{top['scheduler']}" if top else "")
+        lines.append(f"| {model} | {cfg} | " + " | ".join(best) + " |")
     return "\n".join(lines)
 
 
 def overhead_table(rows):
     """Markdown: wall time per step, time inside the model, and the sampler's own overhead per step."""
-    lines = ["| sampler | ms / step | in model ms / step | overhead ms / step |", "|---|---|---|---|"]
-    by_sampler = {}
+    lines = ["| model | sampler | ms / step | in model ms / step | overhead ms / step |", "|---|---|---|---|---|"]
+    groups = {}
     for r in rows:
-        by_sampler.setdefault(r["sampler"], []).append(r)
-    for sampler, rs in by_sampler.items():
+        groups.setdefault((r["model"], r["sampler"]), []).append(r)
+    for (model, sampler), rs in groups.items():
         steps = sum(r["steps"] for r in rs)
-        total, model = sum(r["seconds"] for r in rs), sum(r["model_seconds"] for r in rs)
-        lines.append(f"| {sampler} | {1e3 * total / steps:.2f} | {1e3 * model / steps:.2f} | "
-                     f"{1e3 * (total - model) / steps:.2f} |")
+        total, inside = sum(r["seconds"] for r in rs), sum(r["model_seconds"] for r in rs)
+        lines.append(f"| {model} | {sampler} | {1e3 * total / steps:.2f} | {1e3 * inside / steps:.2f} | "
+                     f"{1e3 * (total - inside) / steps:.2f} |")
     return "\n".join(lines)
 
 
 def main():
     args = parser(__doc__.splitlines()[0]).parse_args()
-    config = QUICK if args.quick else FULL
+    plan = QUICK if args.quick else FULL
     host.boot()
-    torch.manual_seed(0)
     start = time.perf_counter()
-    rows = measure(config)
-    print(f"\n## Baseline: ComfyUI samplers on the exact oracle ({'quick' if args.quick else 'full'} run, "
-          f"{len(config['seeds']) * 10} images per cell, {time.perf_counter() - start:.0f} s)\n")
+    rows = measure(plan)
+    nfes = sorted({r["target_nfe"] for r in rows})
+    print(f"\n## Baseline: ComfyUI samplers on the demo models ({'quick' if args.quick else 'full'} run, "
+          f"{time.perf_counter() - start:.0f} s)\n")
     print("Best sampler/scheduler per NFE (mean error vs x_ref, in data standard deviations):\n")
-    print(best_table(rows, config["nfes"]))
-    for param in ("eps", "flow"):
-        for cfg in (1.0, 5.5):
-            print(f"\n### oracle {param}, cfg {cfg}: mean / median per-image error\n")
-            print(error_table(rows, param, cfg, config["nfes"]))
-    print("\n### Per-step cost (all runs above, CPU)\n")
+    print(best_table(rows, nfes))
+    for model, cfg in settings(rows):
+        images = len(plan[model]["seeds"]) * 10
+        print(f"\n### {model}, cfg {cfg}: mean / median per-image error ({images} images)\n")
+        print(error_table(rows, model, cfg, sorted({r["target_nfe"] for r in rows if r["model"] == model})))
+    print("\n### Per-step cost (all runs above, CPU, one thread)\n")
     print(overhead_table(rows))
     print("\n`*` uni_pc and uni_pc_bh2 integrate to sigma = 0.001 instead of taking a final denoise, which puts a "
           "floor under their error; with a named scheduler they drop the penultimate sigma, as KSampler does.")
-    write_json(args.json, {"config": {k: v for k, v in config.items()}, "rows": rows})
+    write_json(args.json, {"plan": plan, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -4,9 +4,11 @@ import torch
 from comfy_api.latest import io
 
 from ..demo.digits import LATENT_SHAPE, decode
+from . import neural_models
 from .oracle_model import build_oracle_model, digit_conditioning, load_mixture
 
-MODELS = {"oracle_eps": "eps", "oracle_flow": "flow"}
+ORACLES = {"oracle_eps": "eps", "oracle_flow": "flow"}
+MODELS = [*ORACLES, *neural_models.SPECS]
 
 
 def parse_digits(digits):
@@ -16,6 +18,18 @@ def parse_digits(digits):
     return [int(c) for c in text]
 
 
+def load_demo_model(model, labels, shift, zero_terminal_snr):
+    """(ModelPatcher, positive, negative) for a demo model and digit labels."""
+    if model in ORACLES:
+        patcher = build_oracle_model(ORACLES[model], shift, zero_terminal_snr)
+        return patcher, digit_conditioning(labels), digit_conditioning([-1])
+    if shift != 1.0 or zero_terminal_snr:
+        raise ValueError(f"shift and zero_terminal_snr are options of the oracle models; {model} keeps the "
+                         "schedule it was trained with (use ComfyUI's ModelSampling nodes to change it)")
+    patcher, embedding = neural_models.load_model(model)
+    return patcher, embedding.conditioning(labels), embedding.conditioning([neural_models.NULL_LABEL])
+
+
 class StrideDemoModel(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -23,23 +37,26 @@ class StrideDemoModel(io.ComfyNode):
             node_id="StrideDemoModel",
             display_name="Demo model loader (Stride)",
             category="sampling/stride/demo",
-            description="Loads Stride's embedded demo model, no download needed: an exact Gaussian-mixture "
-                        "oracle on 8x8 digits whose denoiser is analytic, so every sampler can be checked "
-                        "against the true answer. Outputs the model, the conditioning for the chosen digits, "
-                        "the unconditional (negative) conditioning and an empty latent.",
+            description="Loads one of Stride's embedded demo models, no download needed, all on 8x8 digits: an "
+                        "exact Gaussian-mixture oracle whose denoiser is analytic (so every sampler can be checked "
+                        "against the true answer), or a small trained network of ComfyUI's own architectures "
+                        "(SD1.5-style UNet, Flux-style DiT). Outputs the model, the conditioning for the chosen "
+                        "digits, the unconditional (negative) conditioning and an empty latent.",
             inputs=[
-                io.Combo.Input("model", options=list(MODELS), default="oracle_eps",
-                               tooltip="oracle_eps: EPS prediction with the SD1.5 discrete schedule. "
-                                       "oracle_flow: rectified flow (CONST), like SD3, Flux and Wan."),
+                io.Combo.Input("model", options=MODELS, default="oracle_eps",
+                               tooltip="oracle_eps / oracle_flow: the exact oracle, EPS with the SD1.5 discrete "
+                                       "schedule or rectified flow (CONST, like SD3, Flux, Wan). unet_large / "
+                                       "unet_small: trained SD1.5-style UNets (EPS). dit_large / dit_small: trained "
+                                       "Flux-style DiTs (rectified flow). Each small model is several times "
+                                       "cheaper per evaluation than its large twin."),
                 io.String.Input("digits", default="0123456789",
                                 tooltip="Which digits to draw, one image per digit and per repeat, e.g. '7' or '0123456789'."),
                 io.Int.Input("repeats", default=1, min=1, max=64,
                              tooltip="How many images of each listed digit (the batch is digits x repeats)."),
                 io.Float.Input("shift", default=1.0, min=0.01, max=100.0, step=0.01,
-                               tooltip="Flow models only: the SD3-style time shift of the schedule (1 = none). "
-                                       "Must stay 1.0 for the EPS oracle."),
+                               tooltip="oracle_flow only: the SD3-style time shift of the schedule (1 = none)."),
                 io.Boolean.Input("zero_terminal_snr", default=False,
-                                 tooltip="EPS oracle only: rescale the SD1.5 schedule to zero terminal SNR "
+                                 tooltip="oracle_eps only: rescale the SD1.5 schedule to zero terminal SNR "
                                          "(like ModelSamplingDiscrete's zsnr), so sampling starts from pure noise."),
             ],
             outputs=[
@@ -53,9 +70,9 @@ class StrideDemoModel(io.ComfyNode):
     @classmethod
     def execute(cls, model, digits, repeats, shift, zero_terminal_snr=False):
         labels = [d for d in parse_digits(digits) for _ in range(repeats)]
-        patcher = build_oracle_model(MODELS[model], shift, zero_terminal_snr)
+        patcher, positive, negative = load_demo_model(model, labels, shift, zero_terminal_snr)
         latent = {"samples": torch.zeros(len(labels), *LATENT_SHAPE)}
-        return io.NodeOutput(patcher, digit_conditioning(labels), digit_conditioning([-1]), latent)
+        return io.NodeOutput(patcher, positive, negative, latent)
 
 
 class StrideDigitsDecode(io.ComfyNode):

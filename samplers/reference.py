@@ -4,6 +4,7 @@ With a denoiser D(x, sigma) -> x0_hat and either parameterization ComfyUI uses
 (x = x0 + sigma eps, or x = (1 - sigma) x0 + sigma eps), the PF-ODE is dx/dsigma = (x - D) / sigma;
 in s = log(sigma) it reads dx/ds = x - D(x, e^s). We integrate it with the adaptive Dormand-Prince 5(4)
 pair (Dormand & Prince 1980) in float64, then take the final denoise at sigma_end.
+`sample_reference` wraps this as a sampler (k-diffusion signature) for networks with no analytic reference.
 """
 import math
 
@@ -60,3 +61,21 @@ def reference_sample(denoiser, x, sigma_start, sigma_end, rtol=1e-8, atol=1e-8):
     """x_ref: the PF-ODE solved from sigma_start to sigma_end, then denoised at sigma_end."""
     x_end, _ = solve_pf_ode(denoiser, x, sigma_start, sigma_end, rtol, atol)
     return denoiser(x_end, sigma_end)
+
+
+@torch.no_grad()
+def sample_reference(model, x, sigmas, extra_args=None, callback=None, disable=None, rtol=1e-5, atol=1e-5):
+    """k-diffusion-style sampler: the PF-ODE solved adaptively (float64 state) from sigmas[0] to the last
+    nonzero sigma, then a final denoise if the schedule ends at 0. Only the endpoints of `sigmas` are used."""
+    extra_args = {} if extra_args is None else extra_args
+    s_in = x.new_ones([x.shape[0]])
+    dtype = x.dtype
+    sigma_end = float(sigmas[-2] if sigmas[-1] == 0 else sigmas[-1])
+    denoiser = lambda x_, sigma: model(x_.to(dtype), sigma * s_in, **extra_args).to(torch.float64)
+    x_end, _ = solve_pf_ode(denoiser, x.to(torch.float64), float(sigmas[0]), sigma_end, rtol, atol)
+    if sigmas[-1] == 0:
+        x_end = denoiser(x_end, sigma_end)
+    if callback is not None:
+        callback({"x": x_end.to(dtype), "i": len(sigmas) - 2, "sigma": sigmas[-2], "sigma_hat": sigmas[-2],
+                  "denoised": x_end.to(dtype)})
+    return x_end.to(dtype)

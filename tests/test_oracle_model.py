@@ -53,6 +53,23 @@ def test_comfyui_sampler_converges_to_the_reference(om, oracle_model, param, sch
     assert errors[2] < 0.02  # a second-order solver at 32 steps is close to the exact answer
 
 
+@pytest.mark.parametrize("param,cfg", [("eps", 5.5), ("flow", 1.0)])
+def test_reference_sampler_in_comfyui_matches_the_analytic_reference(stride, om, oracle_model, param, cfg):
+    """sample_reference run as a ComfyUI sampler (how networks get x_ref) agrees with the analytic path."""
+    patcher = oracle_model(param)
+    ms = patcher.get_model_object("model_sampling")
+    labels = list(range(10))
+    latent = torch.zeros(10, 4, 8, 8)
+    noise = comfy.sample.prepare_noise(latent, 11)
+    sigmas = torch.tensor([float(ms.sigma_max), float(ms.sigma_min), 0.0])
+    sampler = comfy.samplers.KSAMPLER(stride("samplers.reference").sample_reference, {"rtol": 1e-6, "atol": 1e-6})
+    x = comfy.sample.sample_custom(patcher, noise, cfg, sampler, sigmas, om.digit_conditioning(labels),
+                                   om.digit_conditioning([-1]), latent, seed=11, disable_pbar=True)
+    mixture = om.load_mixture()
+    x_ref = oracle_reference(mixture, ms, sigmas[0], noise, labels, cfg, rtol=1e-8)
+    assert error_vs_reference(x, x_ref, mixture.data_std()).max() < 1e-3
+
+
 def _demo_prompt(model="oracle_eps", digits="0123456789", shift=1.0, zsnr=False, latent_from=None):
     prompt = {
         "1": {"class_type": "StrideDemoModel", "inputs": {"model": model, "digits": digits, "repeats": 1, "shift": shift,

@@ -1,0 +1,127 @@
+"""Bridge: Stride's embedded trained models, built from ComfyUI's own architecture classes.
+
+Two families, each with a large and a small size sharing latent space, parameterization and
+conditioning format (so trajectory stitching can pair them):
+- `unet_*`: ComfyUI's SD1.5 UNet (`comfy.supported_models.SD15`), EPS, SD1.5 discrete schedule;
+- `dit_*`: ComfyUI's Flux DiT (`comfy.supported_models.Flux`, double and single blocks), rectified flow.
+Both work on the [4, 8, 8] digits latent with an identity latent format. The condition is a digit label
+through a learned embedding (row 10 = the null condition), stored with the weights in
+demo/weights/<name>.safetensors; the training program is demo/train.py.
+"""
+import json
+import math
+import os
+
+import torch
+from safetensors.torch import load_file
+
+import comfy.latent_formats
+import comfy.model_management
+import comfy.model_patcher
+import comfy.supported_models
+
+WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo", "weights")
+NULL_LABEL = 10
+
+_UNET_BASE = {
+    "image_size": 8, "in_channels": 4, "out_channels": 4, "num_res_blocks": [1, 1], "channel_mult": [1, 2],
+    "transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1, 1], "transformer_depth_middle": 1,
+    "use_linear_in_transformer": True, "use_spatial_transformer": True, "legacy": False,
+    "adm_in_channels": None, "use_temporal_attention": False, "use_temporal_resblock": False,
+    "use_checkpoint": False, "context_dim": 64,
+}
+_DIT_BASE = {
+    "image_model": "flux", "guidance_embed": False, "in_channels": 4, "out_channels": 4, "vec_in_dim": 32,
+    "context_in_dim": 32, "mlp_ratio": 2.0, "theta": 10000, "patch_size": 2, "qkv_bias": True,
+}
+SPECS = {
+    "unet_small": {"family": "unet", "unet_config": {**_UNET_BASE, "model_channels": 32}},
+    "unet_large": {"family": "unet", "unet_config": {**_UNET_BASE, "model_channels": 64}},
+    "dit_small": {"family": "dit", "unet_config": {**_DIT_BASE, "hidden_size": 64, "num_heads": 2,
+                                                    "axes_dim": [8, 12, 12], "depth": 2, "depth_single_blocks": 2}},
+    "dit_large": {"family": "dit", "unet_config": {**_DIT_BASE, "hidden_size": 128, "num_heads": 4,
+                                                    "axes_dim": [8, 12, 12], "depth": 3, "depth_single_blocks": 3}},
+}
+
+
+def weights_path(name):
+    return os.path.join(WEIGHTS_DIR, f"{name}.safetensors")
+
+
+def build_base_model(name):
+    """The untrained ComfyUI BaseModel for `name` (float32, CPU), with an identity 4-channel latent format."""
+    if name not in SPECS:
+        raise ValueError(f"unknown Stride model {name!r}; choose one of {list(SPECS)}")
+    spec = SPECS[name]
+    config_class = comfy.supported_models.SD15 if spec["family"] == "unet" else comfy.supported_models.Flux
+    config = config_class(dict(spec["unet_config"]))
+    config.set_inference_dtype(torch.float32, None)
+    config.latent_format = comfy.latent_formats.LatentFormat()
+    return config.get_model({}, "", device=torch.device("cpu"))
+
+
+class LabelEmbedding(torch.nn.Module):
+    """Digit label -> the model's conditioning: context tokens [B, 1, C] (and a pooled vector for the DiT)."""
+
+    def __init__(self, context_dim, pooled_dim=None):
+        super().__init__()
+        self.context = torch.nn.Embedding(NULL_LABEL + 1, context_dim)
+        self.pooled = torch.nn.Embedding(NULL_LABEL + 1, pooled_dim) if pooled_dim else None
+
+    def conditioning(self, labels):
+        """CONDITIONING for labels [B] (NULL_LABEL = unconditional)."""
+        labels = torch.as_tensor(labels, dtype=torch.int64).view(-1)
+        with torch.no_grad():
+            extras = {} if self.pooled is None else {"pooled_output": self.pooled(labels).float()}
+            return [[self.context(labels).unsqueeze(1).float(), extras]]
+
+
+def label_embedding_for(name):
+    config = SPECS[name]["unet_config"]
+    if SPECS[name]["family"] == "unet":
+        return LabelEmbedding(config["context_dim"])
+    return LabelEmbedding(config["context_in_dim"], config["vec_in_dim"])
+
+
+def init_weights(model, embedding, seed):
+    """Seeded start for training: matrices randn/sqrt(fan_in), biases 0, norm weights and RMSNorm scales 1,
+    output layers zero (ComfyUI's ops leave layers uninitialized)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for pname, p in list(model.diffusion_model.named_parameters()) + list(embedding.named_parameters()):
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(math.prod(p.shape[1:])))
+            elif pname.endswith("bias"):
+                p.zero_()
+            else:
+                p.fill_(1.0)
+        for pname, p in model.diffusion_model.named_parameters():
+            if pname.startswith(("out.2.", "final_layer.")):
+                p.zero_()
+
+
+def load_model(name):
+    """(ModelPatcher, LabelEmbedding) of a trained Stride model; a clear error when its weights are missing."""
+    path = weights_path(name)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"Stride model weights {path} are missing: run `.venv/bin/python -m demo.train`")
+    model, embedding = build_base_model(name), label_embedding_for(name)
+    tensors = load_file(path)
+    emb = {k[len("embedding."):]: v.float() for k, v in tensors.items() if k.startswith("embedding.")}
+    net = {k[len("diffusion_model."):]: v.float() for k, v in tensors.items() if k.startswith("diffusion_model.")}
+    embedding.load_state_dict(emb)
+    missing, unexpected = model.diffusion_model.load_state_dict(net, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path} does not match the {name} architecture (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}); retrain with demo/train.py")
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                               offload_device=comfy.model_management.unet_offload_device())
+    return patcher, embedding
+
+
+def weights_metadata(name):
+    """The training settings stored with the weights."""
+    from safetensors import safe_open
+    with safe_open(weights_path(name), "pt") as f:
+        meta = f.metadata() or {}
+    return {k: json.loads(v) if v[:1] in "[{" else v for k, v in meta.items()}
