@@ -16,7 +16,9 @@ from .reference import error_vs_reference
 from .workflow import load_example, ui_to_api
 
 OUT = os.path.join(host.REPO, "out", "demo")
-WORKFLOWS = ["stride_demo_oracle", "stride_demo_oracle_flow"]
+# example workflow -> the demo models it is run with (its own first; the trained pairs run both sizes)
+WORKFLOWS = {"stride_demo_oracle": ["oracle_eps"], "stride_demo_oracle_flow": ["oracle_flow"],
+             "stride_demo_unet": ["unet_large", "unet_small"], "stride_demo_dit": ["dit_large", "dit_small"]}
 SAMPLERS = ["euler", "heun", "dpmpp_2m", "uni_pc", "deis"]
 STEPS = [4, 6, 10, 20]
 CELL = 2  # pixel enlargement of each 16x16 digit in the grid
@@ -87,14 +89,16 @@ def main():
     table = ["| model | sampler | " + " | ".join(f"{s} steps" for s in steps_list) + " |",
              "|---|---|" + "---|" * len(steps_list)]
     results = []
-    for workflow in WORKFLOWS:
+    for workflow, model_name in [(w, m) for w, models in WORKFLOWS.items() for m in models]:
         prompt = ui_to_api(load_example(workflow))
         loader, ksampler = node_of(prompt, "StrideDemoModel")["inputs"], node_of(prompt, "KSampler")["inputs"]
-        model_name = loader["model"]
+        loader["model"] = model_name
         labels = [int(c) for c in loader["digits"] for _ in range(loader["repeats"])]
         setup = ModelSetup(model_name, [ksampler["seed"]], labels, loader["shift"])
-        x_ref = setup.reference(float(setup.model_sampling.sigma_max), ksampler["cfg"], 1e-8 if setup.is_oracle else 1e-5)
-        rows = [("exact (x_ref)" if setup.is_oracle else "reference ODE", {steps_list[0]: strip(decode_images(mixture, x_ref))})]
+        rtol = 1e-8 if setup.is_oracle else 1e-5
+        x_ref = setup.reference(float(setup.model_sampling.sigma_max), ksampler["cfg"], rtol)
+        ref_label = "exact (x_ref)" if setup.is_oracle else "reference ODE"
+        rows = [(ref_label, {steps_list[0]: strip(decode_images(mixture, x_ref))})]
         for sampler in samplers:
             cells, errors = {}, []
             for steps in steps_list:

@@ -15,7 +15,7 @@ from bench.workflow import EXAMPLES, load_example, ui_to_api
 from comfy_server import post_json
 
 NAMES = sorted(os.path.splitext(f)[0] for f in os.listdir(EXAMPLES) if f.endswith(".json"))
-DEMOS = ["stride_demo_oracle", "stride_demo_oracle_flow"]
+DEMOS = ["stride_demo_oracle", "stride_demo_oracle_flow", "stride_demo_unet", "stride_demo_dit"]
 SAVE_NODE = "4"  # the SaveImage node of the demo workflows
 
 

@@ -1,0 +1,41 @@
+"""The trained demo models draw the digit they are asked for, judged by the digit classifier.
+
+Two images per digit, 20 Euler steps, cfg 3, through ComfyUI's comfy.sample.sample (bench/quality.py's
+`generate`); the full measurement is `.venv/bin/python -m bench.quality`.
+"""
+import pytest
+import torch
+
+from bench import quality
+
+MIN_ACCURACY = {"unet_large": 0.8, "dit_large": 0.8, "unet_small": 0.6, "dit_small": 0.6}
+
+
+@pytest.fixture(scope="module")
+def classifier(stride):
+    return stride("demo.classifier").load()
+
+
+def test_every_model_has_a_threshold(stride):
+    assert set(MIN_ACCURACY) == set(stride("nodes.neural_models").SPECS)
+
+
+def test_classifier_is_accurate_on_held_out_digits(stride, classifier):
+    split = stride("demo.train").digits_split()
+    assert len(split.held_y) == 360 and len(split.train_y) == 1437
+    assert classifier.accuracy(split.held_x, split.held_y) >= 0.9
+    # The features the Frechet distance uses separate real digits from noise.
+    real = classifier.features(split.held_x[:100]).detach()
+    noise = classifier.features(torch.randn(100, 4, 8, 8)).detach()
+    assert quality.frechet_distance(real, noise) > 10 * quality.frechet_distance(
+        real, classifier.features(split.train_x[:100]).detach())
+
+
+@pytest.mark.parametrize("name", list(MIN_ACCURACY))
+def test_trained_model_draws_the_requested_digits(classifier, name):
+    x, labels, _, params = quality.generate(name, seeds=[0, 1], steps=20)
+    assert x.shape == (20, 4, 8, 8) and params > 0
+    assert torch.isfinite(x).all()
+    accuracy = classifier.accuracy(x, labels)
+    assert accuracy >= MIN_ACCURACY[name], \
+        f"{name}: the classifier recognizes {accuracy:.0%} of its digits (predicted {classifier.predict(x).tolist()})"
