@@ -49,8 +49,9 @@ class ModelSetup:
         import comfy.sample
         model, counter = self.counting.count_model_calls(self.model)
         start = time.perf_counter()
-        x = comfy.sample.sample_custom(model, self.noise, cfg, sampler, sigmas, self.positive, self.negative,
-                                       self.latent, seed=0, disable_pbar=True)
+        with torch.inference_mode():  # as ComfyUI's executor runs every node
+            x = comfy.sample.sample_custom(model, self.noise, cfg, sampler, sigmas, self.positive, self.negative,
+                                           self.latent, seed=0, disable_pbar=True)
         return x, counter, time.perf_counter() - start
 
     def reference(self, sigma_start, cfg, rtol):

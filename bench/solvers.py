@@ -158,8 +158,15 @@ def overhead_table(rows):
 
 
 def main():
-    args = parser(__doc__.splitlines()[0]).parse_args()
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--models", help=f"comma-separated subset of {', '.join(FULL)}")
+    args = p.parse_args()
     plan = QUICK if args.quick else FULL
+    if args.models:
+        unknown = set(args.models.split(",")) - set(plan)
+        if unknown:
+            p.error(f"unknown models {sorted(unknown)}; choose from {list(plan)}")
+        plan = {name: plan[name] for name in args.models.split(",")}
     host.boot()
     start = time.perf_counter()
     rows = measure(plan)

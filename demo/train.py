@@ -67,7 +67,7 @@ def learning_rate(step, iterations, lr, warmup, final_share):
 
 def diffusion_loss(model, embedding, family, x0, labels, gen, weighting=None):
     """Mean squared error of the model's noise (EPS) or velocity (flow) prediction, through apply_model;
-    `weighting(sigma)` weighs each row (the UNet's EPS loss under-weighs high sigma, see UNET_WEIGHTING)."""
+    `weighting(sigma)`, if given, weighs each row (the shipped models were trained without one)."""
     n = x0.shape[0]
     eps = torch.randn(x0.shape, generator=gen)
     if family == "unet":

@@ -114,6 +114,7 @@ def load_model(name):
     if missing or unexpected:
         raise ValueError(f"{path} does not match the {name} architecture (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}); retrain with demo/train.py")
+    model.diffusion_model.requires_grad_(False)  # inference only (samplers without no_grad would keep graphs)
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
                                                offload_device=comfy.model_management.unet_offload_device())
     return patcher, embedding
