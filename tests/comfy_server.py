@@ -63,7 +63,9 @@ def comfy_server(tmp_path_factory):
     port = _free_port()
     log_path = base / "server.log"
     pythonpath = os.pathsep.join(filter(None, [host.STUBS, os.environ.get("PYTHONPATH")]))
-    env = dict(os.environ, PYTHONPATH=pythonpath)
+    # One torch thread: two threads slow down many times over whenever the tests or the browser share the
+    # two cores with the server.
+    env = dict(os.environ, PYTHONPATH=pythonpath, OMP_NUM_THREADS="1")
     command = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
                "--disable-auto-launch", "--base-directory", str(base), "--database-url", "sqlite:///:memory:"]
     with open(log_path, "wb") as log:

@@ -22,7 +22,7 @@ def history(url):
         return json.load(response)
 
 
-def wait_for_new_run(url, seen, timeout=30):
+def wait_for_new_run(url, seen, timeout=180):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for prompt_id, entry in history(url).items():

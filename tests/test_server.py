@@ -25,7 +25,7 @@ def get(url):
         return json.loads(body) if response.headers.get_content_type() == "application/json" else body
 
 
-def wait_for_history(url, prompt_id, timeout=60):
+def wait_for_history(url, prompt_id, timeout=180):
     """The /history entry of a prompt once it has finished."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
