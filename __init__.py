@@ -2,8 +2,10 @@
 from comfy_api.latest import ComfyExtension
 
 from .nodes import NODES
+from .nodes.sampler_bridge import register_ksampler_names
 
 WEB_DIRECTORY = "./web"
+register_ksampler_names()  # the stride_* names in KSampler / KSamplerSelect (idempotent)
 
 
 class StrideExtension(ComfyExtension):

@@ -1,4 +1,4 @@
 """ComfyUI adapters: thin nodes that read ComfyUI objects and call Stride's math."""
-from . import demo
+from . import demo, samplers
 
-NODES = [*demo.NODES]
+NODES = [*demo.NODES, *samplers.NODES]
