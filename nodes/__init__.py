@@ -1,4 +1,4 @@
 """ComfyUI adapters: thin nodes that read ComfyUI objects and call Stride's math."""
-from . import demo, samplers
+from . import compare, demo, samplers
 
-NODES = [*demo.NODES, *samplers.NODES]
+NODES = [*demo.NODES, *samplers.NODES, *compare.NODES]

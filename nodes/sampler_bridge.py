@@ -30,6 +30,10 @@ KSAMPLERS = {
 }
 
 
+class SampleNotFinite(RuntimeError):
+    """A Stride sampler produced NaN/inf (raised instead of returning a black image)."""
+
+
 def model_param(model):
     """The Param of the model being sampled (model: the denoiser KSAMPLER hands a sampler)."""
     import comfy.model_sampling
@@ -58,7 +62,7 @@ def bridged(fn, name):
             options["noise_sampler"] = default_noise_sampler(x, seed=(extra_args or {}).get("seed"))
         out = fn(model, x, sigmas, extra_args, callback, disable, **options)
         if not bool(torch.isfinite(out).all()):
-            raise RuntimeError(f"Stride {name}: the sample is not finite (NaN/inf); the schedule "
+            raise SampleNotFinite(f"Stride {name}: the sample is not finite (NaN/inf); the schedule "
                                f"{[round(float(s), 4) for s in sigmas]} or the options are too aggressive for this model")
         return out
     return sample

@@ -161,7 +161,7 @@ class StrideSamplerFlowTurbo(io.ComfyNode):
         return _schema("StrideSamplerFlowTurbo", "FlowTurbo sampler (Stride)",
                        "FlowTurbo's pseudo-corrector (Zhao et al. 2024), training-free part: Heun steps first, then "
                        "Heun-like steps that reuse the last slope, at one model call per step. Model calls: "
-                       "2 x heun_steps + the other steps + 1 (the final denoise).", [
+                       "steps + heun_steps (the final denoise is one call).", [
                            io.Int.Input("heun_steps", default=2, min=1, max=200,
                                         tooltip="How many full Heun steps (2 model calls each) come first.")])
 

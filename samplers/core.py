@@ -138,10 +138,10 @@ def ode_slope(x, denoised, sigma):
 
 
 def check_sigmas(sigmas, name):
-    """Reject schedules no solver can follow: NaN/inf, negative, or not strictly decreasing (a trailing 0 is fine)."""
+    """Reject schedules no solver can follow: empty, NaN/inf, negative, or not strictly decreasing."""
     sigmas = torch.as_tensor(sigmas)
-    if sigmas.ndim != 1:
-        raise ValueError(f"Stride {name}: sigmas must be a 1-D list, got shape {tuple(sigmas.shape)}")
+    if sigmas.ndim != 1 or len(sigmas) == 0:
+        raise ValueError(f"Stride {name}: sigmas must be a non-empty 1-D list, got shape {tuple(sigmas.shape)}")
     if not bool(torch.isfinite(sigmas).all()) or bool((sigmas < 0).any()):
         raise ValueError(f"Stride {name}: sigmas must be finite and >= 0, got {sigmas.tolist()}")
     if len(sigmas) > 1 and not bool((sigmas[1:] < sigmas[:-1]).all()):

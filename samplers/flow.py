@@ -13,9 +13,10 @@ def sample_flowturbo(model, x, sigmas, extra_args=None, callback=None, disable=N
 
     The first `heun_steps` steps are Heun steps (2 evaluations); the others are pseudo-corrector steps that
     reuse the slope evaluated at the previous predictor point as their first slope (1 evaluation).
-    A step to sigma = 0 is a final denoise. Evaluations: 2 H + P + 1 for H Heun and P pseudo-corrector steps."""
-    if heun_steps < 0:
-        raise ValueError(f"Stride FlowTurbo: heun_steps must be >= 0, got {heun_steps}")
+    A step to sigma = 0 is a final denoise (one evaluation): a schedule
+    of n steps ending at 0 costs n + min(heun_steps, n - 1) evaluations."""
+    if heun_steps < 1:
+        raise ValueError(f"Stride FlowTurbo: heun_steps must be >= 1 (the first step needs a fresh slope), got {heun_steps}")
     extra_args = {} if extra_args is None else extra_args
     s_in = x.new_ones([x.shape[0]])
     stale = None  # the slope at the last predictor point

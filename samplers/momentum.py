@@ -2,7 +2,8 @@
 
 They step x_{n+1} = x_n + (sigma_{n+1} - sigma_n) u_n on the PF-ODE slope d = (x - D)/sigma, which is exact for
 a constant D in both parameterizations (the flow velocity for flow models), so no Param is needed.
-Adams-Bashforth weights assume equal steps, as PLMS does; warm-up uses lower orders.
+Adams-Bashforth weights assume equal steps, as PLMS does; warm-up uses lower orders; a step to sigma = 0
+is a final denoise.
 """
 import math
 
@@ -34,6 +35,8 @@ def _loop(model, x, sigmas, extra_args, callback, direction):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+        if sigmas[i + 1] == 0:
+            return denoised  # the final denoise
         x = x + (sigmas[i + 1] - sigmas[i]) * direction(ode_slope(x, denoised, sigmas[i]))
     return x
 

@@ -93,7 +93,8 @@ class TimeShift(Plugin):
     and VP scaling); x0_hat is the step's denoised prediction. The window is `window` times the step's
     length in lambda, centred on the nominal sigma and kept strictly between its neighbours; the shifted
     sigma then replaces the nominal one for the next model call, the next step and the history (as the
-    paper's DPM-Solver variant does). Shifting stops once `cutoff` of the steps are done, and the first
+    paper's DPM-Solver variant does). The relabelled state keeps its values in the model's own parameterization,
+    so on a flow model this is not the same operation as on its VE-rescaled twin. Shifting stops once `cutoff` of the steps are done, and the first
     step and the final denoise are never shifted."""
 
     CANDIDATES = 33
