@@ -48,6 +48,7 @@ class ModelSetup:
         """Run ComfyUI's own sampling path (as SamplerCustom does); returns (x, counter, seconds)."""
         import comfy.sample
         model, counter = self.counting.count_model_calls(self.model)
+        self.last_counter = counter
         start = time.perf_counter()
         with torch.inference_mode():  # as ComfyUI's executor runs every node
             x = comfy.sample.sample_custom(model, self.noise, cfg, sampler, sigmas, self.positive, self.negative,
