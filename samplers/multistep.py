@@ -53,8 +53,8 @@ def _unipc_coefficients(param, s, t, hist, order, variant):
 
 def unipc_update(param, x, s, t, hist, order, d0, variant, denoised_t=None):
     """UniP predictor (denoised_t None) or UniC corrector with the model output at t, from state x at s."""
-    if bool((t == 0).all()):
-        return d0
+    if bool((t == 0).all()) or (order == 1 and denoised_t is None):
+        return exp_step(param, x, s, t, [d0])
     b_h, rks, rhos_p, rhos_c = _unipc_coefficients(param, s, t, hist, order, variant)
     m0 = hist.items[0][0]
     d1s = [(hist.items[k + 1][0] - m0) / bcast(r, x) for k, r in enumerate(rks)]
@@ -77,6 +77,10 @@ def sample_exponential(model, x, sigmas, extra_args=None, callback=None, disable
     output at the predicted point, which is also the next step's history entry (no extra evaluation)."""
     check_order(solver, order, variant)
     extra_args = {} if extra_args is None else extra_args
+    # A flow schedule from sigma = 1 starts at lambda = -inf, capped: its first step is huge in lambda (about 7).
+    # bh1's B(h) = h grows without bound with it (a corrector weight of about 3.5 there), bh2's 1 - e^-h does not:
+    # bh1 skips the corrector of that one step.
+    skip_first_corrector = variant == "bh1" and param.flow and float(sigmas[0]) >= 1.0
     sigmas = param.capped(sigmas)
     steps = len(sigmas) - 1
     hist = History(order)
@@ -96,7 +100,8 @@ def sample_exponential(model, x, sigmas, extra_args=None, callback=None, disable
         denoised = model(x, s.to(x.dtype), **extra_args)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
-        if solver == "unipc" and corrector and len(hist) > 0 and not bool((t == 0).all()):
+        if solver == "unipc" and corrector and len(hist) > 0 and not bool((t == 0).all()) \
+                and not (i == 1 and skip_first_corrector):
             x = unipc_update(param, x_prev, s_prev, s, hist, k, d0, variant, denoised_t=denoised)
         hist.push(denoised, param.lam(s))
         j = i + 1

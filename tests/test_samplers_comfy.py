@@ -147,18 +147,11 @@ def check_sample(x, x_ref, mixture, bound):
     assert err(x, x_ref, mixture) < bound
 
 
-UNIPC_BH1 = pytest.mark.xfail(strict=True, reason=(
-    "stride_unipc (bh1) on flow models steps in log(alpha/sigma) from the capped first sigma 1 - 1e-4: the first "
-    "step is h ~ 7 in lambda, where bh1's B(h) = h corrector overshoots (0.43 data std vs <= 0.08 for bh2, for bh1 in "
-    "-log sigma and for ComfyUI's uni_pc); reported"))
-
-
 def name_cases():
     """Every registered stride_* name on both oracles."""
     for name in host.stride("nodes.sampler_bridge").KSAMPLERS:
         for model in MODELS:
-            marks = UNIPC_BH1 if (name, model) == ("stride_unipc", "oracle_flow") else ()
-            yield pytest.param(name, model, marks=marks, id=f"{name}-{model}")
+            yield pytest.param(name, model, id=f"{name}-{model}")
 
 
 @pytest.mark.parametrize("name,model", list(name_cases()))

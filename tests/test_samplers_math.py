@@ -354,3 +354,18 @@ def test_bad_options_are_clear_errors(m, case):
 def test_bad_schedules_are_clear_errors(m, sigmas):
     with pytest.raises(ValueError, match="Stride x: sigmas"):
         m.core.check_sigmas(torch.tensor(sigmas), "x")
+
+
+@pytest.mark.parametrize("cfg", [1.0, 5.5])
+def test_unipc_bh1_from_pure_noise_on_flow_skips_the_first_corrector(m, cfg):
+    """From sigma = 1 the capped first flow step is about 7 in lambda, where bh1's corrector weight h/2 is far
+    outside UniPC's small-step regime; skipping that one corrector (what a schedule from 1 does) beats keeping it
+    (the same schedule given from the capped sigma, which keeps every corrector)."""
+    d = oracle(m, True, cfg)
+    sigmas = torch.cat([torch.linspace(1, 0.05, 10, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
+    x = noise()
+    exact = m.reference.sample_reference(lambda x_, s, **_: d(x_, s), x, torch.tensor([0.9999, 0.05, 0.0]),
+                                         rtol=1e-9, atol=1e-9)
+    skipped = m.multistep.sample_unipc(d, x, sigmas, param=m.core.FLOW, variant="bh1")
+    kept = m.multistep.sample_unipc(d, x, m.core.FLOW.capped(sigmas), param=m.core.FLOW, variant="bh1")
+    assert rel(skipped, exact) < 0.7 * rel(kept, exact), (rel(skipped, exact), rel(kept, exact))
