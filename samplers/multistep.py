@@ -9,9 +9,19 @@ import math
 import torch
 
 from .core import VE, History, bcast, exp_step, per_sample
-from .plugins import DualFast, HeavyBall, Plugin, TimeShift, check_order
+from .plugins import DualFast, HeavyBall, Plugin, TimeShift
 
 UNIPC_VARIANTS = ("bh1", "bh2")
+SOLVER_ORDERS = {"dpmpp": (1, 2, 3), "unipc": (1, 2, 3)}
+
+
+def check_order(solver, order, variant="bh1"):
+    if solver not in SOLVER_ORDERS:
+        raise ValueError(f"Stride: unknown solver {solver!r}; choose from {sorted(SOLVER_ORDERS)}")
+    if order not in SOLVER_ORDERS[solver]:
+        raise ValueError(f"Stride: {solver} supports orders {SOLVER_ORDERS[solver]}, got {order!r}")
+    if solver == "unipc" and variant not in UNIPC_VARIANTS:
+        raise ValueError(f"Stride: unknown UniPC variant {variant!r}; choose 'bh1' or 'bh2'")
 
 
 def dpmpp_update(param, x, s, t, hist, order, d0, combine=None):
@@ -112,7 +122,7 @@ def sample_exponential(model, x, sigmas, extra_args=None, callback=None, disable
         x_prev, s_prev = x, s
         x = update(param, x, s, t, hist, k, d0)
         for p in plugins:
-            x, t = p.after_step(i, x, t, denoised, hist)
+            x, t = p.after_step(i, x, t, denoised)
         s = t
     return x
 
@@ -139,8 +149,9 @@ def sample_unipc(model, x, sigmas, extra_args=None, callback=None, disable=None,
 
 
 def _plugins(dualfast, dualfast_ref, beta, time_shift):
-    return [DualFast(dualfast, dualfast_ref) if dualfast else None,
-            HeavyBall(beta) if beta is not None and beta != 1.0 else None,
+    """The plug-ins a sampler's options ask for (options are checked even when they leave the base unchanged)."""
+    dual, ball = DualFast(dualfast, dualfast_ref), HeavyBall(beta) if beta is not None else None
+    return [dual if dualfast else None, ball if beta not in (None, 1.0) else None,
             TimeShift(**time_shift) if time_shift else None]
 
 

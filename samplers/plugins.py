@@ -8,18 +8,6 @@ import torch
 
 from .core import bcast
 
-SOLVER_ORDERS = {"dpmpp": (1, 2, 3), "unipc": (1, 2, 3)}
-
-
-def check_order(solver, order, variant="bh1"):
-    if solver not in SOLVER_ORDERS:
-        raise ValueError(f"Stride: unknown solver {solver!r}; choose from {sorted(SOLVER_ORDERS)}")
-    if order not in SOLVER_ORDERS[solver]:
-        raise ValueError(f"Stride: {solver} supports orders {SOLVER_ORDERS[solver]}, got {order!r}")
-    if solver == "unipc" and variant not in ("bh1", "bh2"):
-        raise ValueError(f"Stride: unknown UniPC variant {variant!r}; choose 'bh1' or 'bh2'")
-
-
 class Plugin:
     def reset(self, param, sigmas):
         self.param, self.sigmas = param, sigmas
@@ -30,7 +18,7 @@ class Plugin:
     def combine(self, c):
         return c
 
-    def after_step(self, i, x, t, denoised, hist):
+    def after_step(self, i, x, t, denoised):
         return x, t
 
 
@@ -106,7 +94,7 @@ class TimeShift(Plugin):
             raise ValueError(f"Stride Time-Shift: cutoff must lie in [0, 1] (a fraction of the steps), got {cutoff}")
         self.window, self.cutoff = window, cutoff
 
-    def after_step(self, i, x, t, denoised, hist):
+    def after_step(self, i, x, t, denoised):
         steps = len(self.sigmas) - 1
         j = i + 1
         if i == 0 or j >= steps - 1 or j > self.cutoff * steps or float(self.sigmas[j + 1]) == 0:

@@ -271,16 +271,16 @@ def test_time_shift_finds_the_noise_level_that_matches_the_variance(m):
     eps = eps - (eps * flat0).sum(1, keepdim=True) / (flat0 * flat0).sum(1, keepdim=True) * flat0
     eps = (eps / eps.var(1, keepdim=True).sqrt()).view_as(x0)  # unit variance, uncorrelated with x0
     x = (1 - true_sigma) * x0 + true_sigma * eps
-    _, shifted = plugin.after_step(1, x, torch.full([4], 0.6, dtype=torch.float64), x0, None)
+    _, shifted = plugin.after_step(1, x, torch.full([4], 0.6, dtype=torch.float64), x0)
     assert torch.allclose(shifted, torch.full([4], true_sigma, dtype=torch.float64), atol=0.01)
     narrow = m.plugins.TimeShift(window=0.1, cutoff=1.0)
     narrow.reset(param, sigmas)
-    _, clipped = narrow.after_step(1, x, torch.full([4], 0.6, dtype=torch.float64), x0, None)
+    _, clipped = narrow.after_step(1, x, torch.full([4], 0.6, dtype=torch.float64), x0)
     lam = param.lam
     edge = param.sigma_of(lam(torch.tensor(0.6, dtype=torch.float64)) - 0.05 * (lam(torch.tensor(0.6)) -
                                                                                  lam(torch.tensor(0.8))))
     assert torch.allclose(clipped, edge.expand(4).double(), atol=1e-6)   # the window's noisy edge
-    _, untouched = plugin.after_step(0, x, torch.full([4], 0.6, dtype=torch.float64), x0, None)
+    _, untouched = plugin.after_step(0, x, torch.full([4], 0.6, dtype=torch.float64), x0)
     assert torch.equal(untouched, torch.full([4], 0.6, dtype=torch.float64))   # never after the first step
 
 
