@@ -1,6 +1,6 @@
 """Quality of the embedded models: do they draw the digit asked for, and do their digits look real?
 
-    .venv/bin/python -m bench.quality [--quick] [--json PATH]
+    .venv/bin/python -m bench.quality [--quick] [--json PATH] [--samplers a,b --steps N --models m,n]
 
 Each model draws N images per digit (seed s gives the noise of one batch of the ten digits, the same for
 every model) with ComfyUI's `comfy.sample.sample`: euler, 50 steps, cfg 3, scheduler "normal" for the EPS
@@ -10,6 +10,9 @@ models and "simple" for the flow models. The two exact oracles are the reference
 - FD: Frechet distance between the generated latents and the held-out real ones in the classifier's
   penultimate features; the floor row is N real training digits per digit against the same held-out set;
 - ms / NFE: time inside the model per evaluation of a batch of ten images with its CFG pair.
+With --samplers (any KSampler names, stride_* included) and --steps, each model is sampled with each sampler
+instead: a distribution-level comparison for samplers, such as stochastic ones, whose individual samples are
+not meant to match the ODE's.
 """
 import os
 import time
@@ -34,7 +37,7 @@ def load(name):
     return patcher, positive, negative, params
 
 
-def generate(name, seeds, steps=STEPS, cfg=CFG):
+def generate(name, seeds, steps=STEPS, cfg=CFG, sampler="euler"):
     """Latents [10 * len(seeds), 4, 8, 8] (digits 0-9 per seed), their labels, ms per model evaluation and
     the parameter count (None for an oracle)."""
     import comfy.sample
@@ -44,7 +47,7 @@ def generate(name, seeds, steps=STEPS, cfg=CFG):
     out = []
     for seed in seeds:
         noise = comfy.sample.prepare_noise(latent, seed)
-        out.append(comfy.sample.sample(model, noise, steps, cfg, "euler", SCHEDULERS[name], positive, negative,
+        out.append(comfy.sample.sample(model, noise, steps, cfg, sampler, SCHEDULERS[name], positive, negative,
                                        latent, seed=seed, disable_pbar=True))
     return torch.cat(out).float(), DIGITS.repeat(len(seeds)), 1e3 * counter.seconds / max(1, counter.nfe), params
 
@@ -74,7 +77,7 @@ def available(names):
     return [n for n in names if n not in nm.SPECS or os.path.exists(nm.weights_path(n))]
 
 
-def measure(per_digit):
+def measure(per_digit, models=None, samplers=("euler",), steps=STEPS):
     classifier = host.stride("demo.classifier").load()
     split = host.stride("demo.train").digits_split()
     held = classifier.features(split.held_x).detach()
@@ -82,11 +85,12 @@ def measure(per_digit):
     rows = [{"model": f"real training digits ({per_digit} per digit)", "parameters": None, "ms_per_nfe": None,
              "accuracy": classifier.accuracy(real_x, real_y),
              "fd": frechet_distance(classifier.features(real_x).detach(), held)}]
-    for name in available(SCHEDULERS):
+    for name, sampler in [(n, s) for n in available(models or SCHEDULERS) for s in samplers]:
         start = time.perf_counter()
-        x, labels, ms, params = generate(name, range(per_digit))
+        x, labels, ms, params = generate(name, range(per_digit), steps, CFG, sampler)
         per_class = [classifier.accuracy(x[labels == d], labels[labels == d]) for d in range(10)]
-        rows.append({"model": name, "parameters": params, "ms_per_nfe": ms, "scheduler": SCHEDULERS[name],
+        rows.append({"model": name, "sampler": sampler, "steps": steps, "parameters": params, "ms_per_nfe": ms,
+                     "scheduler": SCHEDULERS[name],
                      "accuracy": classifier.accuracy(x, labels), "worst_digit_accuracy": min(per_class),
                      "fd": frechet_distance(classifier.features(x).detach(), held),
                      "finite": bool(torch.isfinite(x).all()), "seconds": time.perf_counter() - start})
@@ -94,32 +98,40 @@ def measure(per_digit):
 
 
 def table(rows):
-    lines = ["| model | scheduler | parameters | ms / NFE | accuracy | worst digit | FD to held-out |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | sampler | scheduler | parameters | ms / NFE | accuracy | worst digit | FD to held-out |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         params = "exact (analytic)" if r["model"].startswith("oracle") else \
             (f"{r['parameters'] / 1e6:.2f} M" if r["parameters"] else "")
         ms = f"{r['ms_per_nfe']:.2f}" if r["ms_per_nfe"] is not None else ""
         worst = f"{100 * r['worst_digit_accuracy']:.0f}%" if "worst_digit_accuracy" in r else ""
-        lines.append(f"| {r['model']} | {r.get('scheduler', '')} | {params} | {ms} | {100 * r['accuracy']:.1f}% | "
+        sampler = f"{r['sampler']}, {r['steps']} steps" if "sampler" in r else ""
+        lines.append(f"| {r['model']} | {sampler} | {r.get('scheduler', '')} | {params} | {ms} | {100 * r['accuracy']:.1f}% | "
                      f"{worst} | {r['fd']:.2f} |")
     return "\n".join(lines)
 
 
 def main():
-    args = parser(__doc__.splitlines()[0]).parse_args()
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--samplers", default="euler", help="comma-separated KSampler names (default euler)")
+    p.add_argument("--steps", type=int, default=STEPS, help=f"sampling steps (default {STEPS})")
+    p.add_argument("--models", help=f"comma-separated subset of {', '.join(SCHEDULERS)}")
+    args = p.parse_args()
     mode = "quick" if args.quick else "full"
     per_digit = PER_DIGIT[mode]
+    models = args.models.split(",") if args.models else None
+    if models and set(models) - set(SCHEDULERS):
+        p.error(f"unknown models {sorted(set(models) - set(SCHEDULERS))}; choose from {list(SCHEDULERS)}")
     host.boot()
     start = time.perf_counter()
-    rows, classifier_accuracy = measure(per_digit)
-    print(f"\n## Quality of the demo models ({mode} run, {per_digit} images per digit, euler {STEPS} steps, "
-          f"cfg {CFG}, {time.perf_counter() - start:.0f} s)\n")
+    rows, classifier_accuracy = measure(per_digit, models, args.samplers.split(","), args.steps)
+    print(f"\n## Quality of the demo models ({mode} run, {per_digit} images per digit, {args.samplers} "
+          f"{args.steps} steps, cfg {CFG}, {time.perf_counter() - start:.0f} s)\n")
     print(table(rows))
     print(f"\nClassifier: an MLP on the latent, {100 * classifier_accuracy:.1f}% held-out accuracy on real digits. "
           "FD in its 64-d penultimate features against the held-out split; the first row is the floor "
           "(real digits, same count). ms / NFE: a batch of 10 images with its CFG pair, CPU, one thread.")
-    write_json(args.json, {"per_digit": per_digit, "steps": STEPS, "cfg": CFG,
+    write_json(args.json, {"per_digit": per_digit, "steps": args.steps, "cfg": CFG,
                            "classifier_held_out_accuracy": classifier_accuracy, "rows": rows})
 
 

@@ -151,6 +151,32 @@ def test_global_convergence_order(m, flow, name):
     assert order - 0.35 < slope < order + 0.6, (errors, slope)
 
 
+SIGMA_SPACE = {  # name -> (run, (lowest, highest) expected global order on equal sigma steps)
+    "plms_2": (lambda m, d, x, s: m.momentum.sample_plms_hb(d, x, s, order=2, beta=1.0), (2, 2)),
+    "plms_3": (lambda m, d, x, s: m.momentum.sample_plms_hb(d, x, s, order=3, beta=1.0), (2, 3)),
+    "plms_2_heavy_ball": (lambda m, d, x, s: m.momentum.sample_plms_hb(d, x, s, order=2, beta=0.8), (1, 1)),
+    "ghvb_1.5": (lambda m, d, x, s: m.momentum.sample_ghvb(d, x, s, order=1.5), (2, 2)),
+    "ghvb_2.5": (lambda m, d, x, s: m.momentum.sample_ghvb(d, x, s, order=2.5), (2, 3)),
+    "flowturbo": (lambda m, d, x, s: m.flow.sample_flowturbo(d, x, s, heun_steps=1), (2, 2)),
+}
+
+
+@pytest.mark.parametrize("flow", [False, True])
+@pytest.mark.parametrize("name", list(SIGMA_SPACE))
+def test_sigma_space_convergence_order(m, flow, name):
+    """Adams-Bashforth weights assume equal steps, so the sigma-space methods are measured on equal steps in
+    sigma: PLMS-k and GHVB of order q converge as ceil(q), Heavy Ball with beta < 1 as 1, FlowTurbo as 2. Third
+    order shows before the first-order warm-up step caps it at 2 asymptotically (as for DPM-Solver++(3M))."""
+    run, (low, high) = SIGMA_SPACE[name]
+    d = oracle(m, flow, 1.0)
+    s0, s1 = (10 / 11, 2 / 3) if flow else (10.0, 2.0)
+    x = noise() * s0
+    exact, _ = m.reference.solve_pf_ode(lambda x_, s: d(x_, s), x, s0, s1, 1e-12, 1e-12)
+    errors = [rel(run(m, d, x, torch.linspace(s0, s1, n + 1, dtype=torch.float64)), exact) for n in (32, 128)]
+    slope = math.log(errors[0] / errors[1]) / math.log(4)
+    assert low - 0.4 < slope < high + 0.6, (errors, slope)
+
+
 @pytest.mark.parametrize("flow", [False, True])
 @pytest.mark.parametrize("order", [1, 2, 3])
 def test_local_error_order_of_the_dpmpp_step(m, flow, order):
