@@ -103,9 +103,9 @@ class TimeShift(Plugin):
         nominal = self.sigmas[j].double()
         lo, hi = lam(self.sigmas[j - 1].double()), lam(self.sigmas[j + 1].double())
         h = lam(nominal) - lo
-        u = torch.linspace(-0.5, 0.5, self.CANDIDATES, dtype=torch.float64)
+        u = torch.linspace(-0.5, 0.5, self.CANDIDATES, dtype=torch.float64, device=nominal.device)
         cand = (lam(nominal) + u * self.window * h).clamp(lo + 1e-3 * h, hi - 1e-3 * h)
-        sig = self.param.sigma_of(cand)                                     # [C]
+        sig = self.param.sigma_of(cand).to(x.device)                        # [C]
         var_x = x.double().flatten(1).var(1)                                # [B]
         var_0 = denoised.double().flatten(1).var(1)
         predicted = self.param.alpha(sig)[None] ** 2 * var_0[:, None] + sig[None] ** 2
