@@ -16,8 +16,13 @@ demo: setup
 test: setup browser
 	$(PY) -m pytest -q tests
 
-bench: setup
-	$(PY) -m bench.solvers
+SOLVER_RUNS := oracle_eps,oracle_flow dit_small,dit_large unet_small,unet_large
+
+bench: setup  # the full sampler benchmark, one model family per run, then the merged tables
+	mkdir -p bench/out
+	for models in $(SOLVER_RUNS); do \
+		$(PY) -m bench.solvers --models $$models --json bench/out/solvers_$${models%%_*}.json || exit 1; done
+	$(PY) -m bench.solvers --tables-from bench/out/solvers_oracle.json,bench/out/solvers_dit.json,bench/out/solvers_unet.json
 
 setup: $(STAMP) $(COMFY)/main.py
 
