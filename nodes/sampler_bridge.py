@@ -63,7 +63,8 @@ def bridged(fn, name):
         out = fn(model, x, sigmas, extra_args, callback, disable, **options)
         if not bool(torch.isfinite(out).all()):
             raise SampleNotFinite(f"Stride {name}: the sample is not finite (NaN/inf); the schedule "
-                               f"{[round(float(s), 4) for s in sigmas]} or the options are too aggressive for this model")
+                                  f"{[round(float(s), 4) for s in sigmas]} or the options are too aggressive "
+                                  "for this model")
         return out
     return sample
 

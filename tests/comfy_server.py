@@ -54,6 +54,24 @@ def post_json(url, data):
         return json.loads(body) if body else None
 
 
+def get(url):
+    with urllib.request.urlopen(url, timeout=30) as response:
+        body = response.read()
+        return json.loads(body) if response.headers.get_content_type() == "application/json" else body
+
+
+def wait_for_history(url, prompt_id, timeout=180):
+    """The /history entry of a prompt once it has finished."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        entry = get(f"{url}/history/{prompt_id}").get(prompt_id)
+        if entry and entry["status"].get("completed") is not None:
+            assert entry["status"]["status_str"] == "success", entry["status"]["messages"]
+            return entry
+        time.sleep(0.1)
+    raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout} s")
+
+
 @pytest.fixture(scope="session")
 def comfy_server(tmp_path_factory):
     """The base URL (http://127.0.0.1:<port>) of a running ComfyUI with Stride in custom_nodes/stride."""

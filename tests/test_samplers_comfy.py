@@ -12,8 +12,7 @@ import comfy.sample
 import comfy.samplers
 from bench import host
 from bench.reference import alpha_of, error_vs_reference, oracle_reference
-from comfy_server import post_json
-from test_server import get, wait_for_history
+from comfy_server import get, post_json, wait_for_history
 
 DIGITS, LABELS, SEED, STEPS, CFG = "37", [3, 7], 5, 10, 3.0
 SCHEDULER = {"oracle_eps": "karras", "oracle_flow": "simple"}
@@ -29,7 +28,7 @@ NODE_OPTIONS = {  # every SAMPLER node, with non-default options where they chan
     "StrideSamplerMixedSDE": {"eta": 0.5, "window_start": 0.25, "window_end": 0.5},
 }
 # Error vs x_ref (per image, in data std) of a 10-step run. For scale: the zero latent is 1.5 off, another sample of
-# the same digit 0.8-1.5, the other digit 1.3-1.6; the Stride ODE samplers measure 0.03-0.17 (but see UNIPC_BH1).
+# the same digit 0.8-1.5, the other digit 1.3-1.6; the Stride ODE samplers measure 0.03-0.17.
 BOUND = 0.3
 # stride_mixed_sde: its SDE steps draw fresh noise from the seed, so its sample is one more draw from the guided
 # distribution, near x_ref but not an approximation of the ODE solution x_ref itself (it measures 0.15-0.37).

@@ -1,10 +1,7 @@
 """Stride inside the real ComfyUI server: node definitions, example workflows, prompts over HTTP."""
 import io
-import json
 import os
-import time
 import urllib.parse
-import urllib.request
 
 import numpy as np
 import pytest
@@ -12,29 +9,16 @@ from PIL import Image
 
 from bench import host
 from bench.workflow import EXAMPLES, load_example, ui_to_api
-from comfy_server import post_json
+from comfy_server import get, post_json, wait_for_history
 
 NAMES = sorted(os.path.splitext(f)[0] for f in os.listdir(EXAMPLES) if f.endswith(".json"))
-DEMOS = ["stride_demo_oracle", "stride_demo_oracle_flow", "stride_demo_unet", "stride_demo_dit"]
-SAVE_NODE = "4"  # the SaveImage node of the demo workflows
+
+def save_node(workflow):
+    """The id (API prompt key) of a workflow's SaveImage node, or None."""
+    return next((str(n["id"]) for n in workflow["nodes"] if n["type"] == "SaveImage"), None)
 
 
-def get(url):
-    with urllib.request.urlopen(url, timeout=30) as response:
-        body = response.read()
-        return json.loads(body) if response.headers.get_content_type() == "application/json" else body
-
-
-def wait_for_history(url, prompt_id, timeout=180):
-    """The /history entry of a prompt once it has finished."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        entry = get(f"{url}/history/{prompt_id}").get(prompt_id)
-        if entry and entry["status"].get("completed") is not None:
-            assert entry["status"]["status_str"] == "success", entry["status"]["messages"]
-            return entry
-        time.sleep(0.1)
-    raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout} s")
+DEMOS = [name for name in NAMES if save_node(load_example(name))]  # the examples that save ten digits
 
 
 def pixels(png_bytes):
@@ -68,21 +52,23 @@ def saved_pixels(image):
 
 @pytest.mark.parametrize("name", DEMOS)
 def test_example_runs_in_process(run_prompt, name):
-    images = run_prompt(ui_to_api(load_example(name)))[0][SAVE_NODE]["images"]
+    workflow = load_example(name)
+    images = run_prompt(ui_to_api(workflow))[0][save_node(workflow)]["images"]
     assert len(images) == 10
     assert all(saved_pixels(image).std() > 10 for image in images)  # digits, not blank images
 
 
 @pytest.mark.parametrize("name", DEMOS)
 def test_example_runs_on_the_server_as_in_process(comfy_server, run_prompt, name):
-    prompt = ui_to_api(load_example(name))
+    workflow = load_example(name)
+    prompt, save = ui_to_api(workflow), save_node(workflow)
     prompt_id = post_json(f"{comfy_server}/prompt", {"prompt": prompt, "client_id": "pytest"})["prompt_id"]
-    images = wait_for_history(comfy_server, prompt_id)["outputs"][SAVE_NODE]["images"]
+    images = wait_for_history(comfy_server, prompt_id)["outputs"][save]["images"]
     assert len(images) == 10
     served = pixels(get(f"{comfy_server}/view?" + urllib.parse.urlencode(images[7])))
     assert served.shape == (128, 128, 3)  # a 16x16 digit at scale 8
     # The server draws the same digits as ComfyUI in this process.
-    local = run_prompt(prompt)[0][SAVE_NODE]["images"]
+    local = run_prompt(prompt)[0][save]["images"]
     assert np.abs(saved_pixels(local[7]) - served).max() <= 1
 
 
