@@ -1,0 +1,220 @@
+"""Guidance nodes: CFG schedules that really skip the unconditional pass, and RAAG; as MODEL patches (for
+KSampler, composable with other patches) and as GUIDERs (for SamplerCustomAdvanced)."""
+import logging
+import math
+
+import comfy.patcher_extension
+import comfy.samplers
+from comfy_api.latest import io
+
+from ..samplers import guidance
+
+KEY = "stride_guidance"
+CATEGORY = "sampling/stride/guidance"
+WrappersMP = comfy.patcher_extension.WrappersMP
+
+
+def progress(model_sampling, sigma):
+    """How far sigma is through the model's noise range: 0 at sigma_max (pure noise), 1 at sigma = 0."""
+    t = float(model_sampling.timestep(sigma.reshape(1)).reshape(-1)[0])
+    t_max = float(model_sampling.timestep(model_sampling.sigma_max.reshape(1).to(sigma)).reshape(-1)[0])
+    return min(max(1.0 - t / t_max, 0.0), 1.0) if t_max > 0 else 1.0
+
+
+def warn_if_distilled(model, what):
+    """Guidance-distilled models (Flux-dev style guidance embedding) have no real unconditional branch."""
+    config = getattr(getattr(model.model, "model_config", None), "unet_config", {}) or {}
+    if config.get("guidance_embed"):
+        logging.warning(f"Stride {what}: this model is guidance-distilled (it takes its guidance as an input, like "
+                        "Flux-dev); classifier-free guidance on it doubles the cost for a negative prompt it was not "
+                        "trained for. Use its own guidance input (FluxGuidance) with cfg 1 instead.")
+
+
+class ScheduleStats:
+    """Per run: model calls (steps) and unconditional passes skipped; logged at the end of each run."""
+
+    def __init__(self, label):
+        self.label, self.calls, self.skipped, self.runs = label, 0, 0, []
+
+    def outer(self, executor, *args, **kwargs):
+        self.calls = self.skipped = 0
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            if self.calls:
+                full, done = 2 * self.calls, 2 * self.calls - self.skipped
+                self.runs.append((self.calls, self.skipped))
+                logging.info(f"Stride {self.label}: unconditional pass skipped at {self.skipped} of {self.calls} "
+                             f"steps; {done} model evaluations instead of {full} (x{full / done:.2f})")
+
+
+def schedule_patch(model, scale_at, label):
+    """A clone of model whose CFG scale at each step is scale_at(model_sampling, sigma, base_cfg); where it is 1
+    ComfyUI skips the unconditional pass (its cfg = 1 shortcut, taken per step)."""
+    stats = ScheduleStats(label)
+
+    def predict_noise(executor, x, timestep, model_options, seed):
+        guider = executor.class_obj
+        if not isinstance(guider, comfy.samplers.CFGGuider) or type(guider).predict_noise is not \
+                comfy.samplers.CFGGuider.predict_noise:
+            logging.warning(f"Stride {label}: the guider {type(guider).__name__} is not plain CFG; schedule not applied")
+            return executor(x, timestep, model_options, seed)
+        base = guider.cfg
+        guider.cfg = scale_at(guider.model_patcher.get_model_object("model_sampling"), timestep[0], base)
+        stats.calls += 1
+        stats.skipped += math.isclose(guider.cfg, 1.0) and not model_options.get("disable_cfg1_optimization", False)
+        try:
+            return executor(x, timestep, model_options, seed)
+        finally:
+            guider.cfg = base
+
+    patched = model.clone()
+    patched.add_wrapper_with_key(WrappersMP.PREDICT_NOISE, KEY, predict_noise)
+    patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, KEY, stats.outer)
+    return patched, stats
+
+
+def cfg_schedule(kind, start, end, floor, points, points_in):
+    """scale_at(model_sampling, sigma, base_cfg) for a schedule's options (errors checked here)."""
+    if kind not in guidance.SCHEDULES:
+        raise ValueError(f"Stride CFG schedule: unknown schedule {kind!r}; choose from {', '.join(guidance.SCHEDULES)}")
+    if kind == "interval" and not 0.0 <= start < end <= 1.0:
+        raise ValueError(f"Stride CFG schedule: the interval needs 0 <= start < end <= 1, got {start}, {end}")
+    curve = guidance.parse_points(points) if kind == "custom" else None
+
+    def scale_at(model_sampling, sigma, base):
+        p = progress(model_sampling, sigma)
+        if kind == "custom" and points_in == "sigma":
+            return guidance.interpolate(curve, float(sigma))
+        return guidance.scheduled_scale(kind, p, base, start, end, floor, curve)
+    return scale_at
+
+
+def raag_patch(model, w_max, alpha):
+    """A clone of model guided by RAAG (the node's w_max replaces the sampler's cfg)."""
+    def cfg_function(args):
+        w = guidance.raag_scale(args["cond"], args["uncond"], w_max, alpha)
+        return guidance.guide(args["cond"], args["uncond"], w)
+    patched = model.clone()
+    patched.set_model_sampler_cfg_function(cfg_function, disable_cfg1_optimization=True)
+    return patched
+
+
+SCHEDULE_INPUTS = lambda: [
+    io.Combo.Input("schedule", options=list(guidance.SCHEDULES), default="interval",
+                   tooltip="How the CFG scale follows the noise level (not the step index). constant: the sampler's "
+                           "cfg. linear / cosine: ramps from 1 (noise) up, with the same mean as the cfg. "
+                           "clamp_linear: the linear ramp, never below `floor`. interval: the cfg inside "
+                           "[start, end] of the noise range, 1 outside. custom: your own points. Wherever the "
+                           "scale is 1 the unconditional pass is not computed."),
+    io.Float.Input("start", default=0.2, min=0.0, max=1.0, step=0.01,
+                   tooltip="interval: where guidance starts, as progress through the noise range (0 = pure "
+                           "noise, 1 = clean)."),
+    io.Float.Input("end", default=0.8, min=0.0, max=1.0, step=0.01,
+                   tooltip="interval: where guidance ends (same progress scale)."),
+    io.Float.Input("floor", default=1.0, min=0.0, max=30.0, step=0.1,
+                   tooltip="clamp_linear: the lowest scale of the ramp. At 1 only the very first step (scale 1) "
+                           "skips the unconditional pass; the paper's choice is 2."),
+    io.String.Input("points", default="0:1, 0.25:6, 1:6",
+                    tooltip="custom: comma-separated position:scale points, interpolated linearly, e.g. "
+                            "'0:1, 0.25:6, 1:6' (positions are progress 0-1, or sigmas, see points_in)."),
+    io.Combo.Input("points_in", options=["progress", "sigma"], default="progress",
+                   tooltip="custom: whether the points' positions are progress through the noise range (0 = "
+                           "noise, 1 = clean) or the model's sigma values."),
+]
+
+
+class StrideCFGSchedule(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="StrideCFGSchedule", display_name="CFG schedule (Stride)", category=CATEGORY,
+            description="Makes the CFG scale a function of the noise level, for KSampler or any sampler using plain "
+                        "CFG. Wherever the scale is 1 (outside the interval, at the start of a ramp) the "
+                        "unconditional pass is really skipped; each run logs how many were skipped.",
+            inputs=[io.Model.Input("model", tooltip="The model to patch (other patches are kept).")]
+            + SCHEDULE_INPUTS(),
+            outputs=[io.Model.Output(tooltip="The model with the CFG schedule.")])
+
+    @classmethod
+    def execute(cls, model, schedule, start, end, floor, points, points_in) -> io.NodeOutput:
+        warn_if_distilled(model, "CFG schedule")
+        scale_at = cfg_schedule(schedule, start, end, floor, points, points_in)
+        return io.NodeOutput(schedule_patch(model, scale_at, f"CFG schedule ({schedule})")[0])
+
+
+class StrideCFGScheduleGuider(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="StrideCFGScheduleGuider", display_name="CFG schedule guider (Stride)", category=CATEGORY,
+            description="A CFG guider for SamplerCustomAdvanced whose scale follows the noise level; the "
+                        "unconditional pass is skipped wherever the scale is 1.",
+            inputs=[io.Model.Input("model", tooltip="The model."),
+                    io.Conditioning.Input("positive", tooltip="Positive conditioning."),
+                    io.Conditioning.Input("negative", tooltip="Negative (unconditional) conditioning."),
+                    io.Float.Input("cfg", default=6.0, min=0.0, max=100.0, step=0.1,
+                                   tooltip="The base scale the schedule is built around.")]
+            + SCHEDULE_INPUTS(),
+            outputs=[io.Guider.Output()])
+
+    @classmethod
+    def execute(cls, model, positive, negative, cfg, schedule, start, end, floor, points, points_in) -> io.NodeOutput:
+        return io.NodeOutput(cfg_guider(StrideCFGSchedule.execute(model, schedule, start, end, floor, points,
+                                                                   points_in).result[0], positive, negative, cfg))
+
+
+def cfg_guider(model, positive, negative, cfg):
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(positive, negative)
+    guider.set_cfg(cfg)
+    return guider
+
+
+RAAG_INPUTS = lambda: [
+    io.Float.Input("max_guidance", default=10.0, min=1.0, max=50.0, step=0.1,
+                   tooltip="w_max: the scale RAAG tends to when the guidance signal is small relative to the "
+                           "unconditional prediction; it replaces the sampler's cfg."),
+    io.Float.Input("alpha", default=8.0, min=0.0, max=100.0, step=0.1,
+                   tooltip="How fast the scale drops toward 1 as the ratio |cond - uncond| / |uncond| grows "
+                           "(the paper's demo: 12 with max_guidance 18)."),
+]
+
+
+class StrideRAAG(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="StrideRAAG", display_name="RAAG guidance (Stride)", category=CATEGORY,
+            description="Ratio-aware adaptive guidance (Zhu et al. 2025): per image and step, the scale is "
+                        "1 + (max_guidance - 1) exp(-alpha rho), rho = |cond - uncond| / |uncond| measured on the "
+                        "ODE slopes (velocities for flow models, noise predictions for EPS models). Strong guidance "
+                        "where it is safe, weak where the first steps are sensitive. Replaces the sampler's cfg.",
+            inputs=[io.Model.Input("model", tooltip="The model to patch.")] + RAAG_INPUTS(),
+            outputs=[io.Model.Output(tooltip="The model guided by RAAG.")])
+
+    @classmethod
+    def execute(cls, model, max_guidance, alpha) -> io.NodeOutput:
+        warn_if_distilled(model, "RAAG")
+        return io.NodeOutput(raag_patch(model, max_guidance, alpha))
+
+
+class StrideRAAGGuider(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="StrideRAAGGuider", display_name="RAAG guider (Stride)", category=CATEGORY,
+            description="RAAG as a guider for SamplerCustomAdvanced.",
+            inputs=[io.Model.Input("model", tooltip="The model."),
+                    io.Conditioning.Input("positive", tooltip="Positive conditioning."),
+                    io.Conditioning.Input("negative", tooltip="Negative (unconditional) conditioning.")]
+            + RAAG_INPUTS(),
+            outputs=[io.Guider.Output()])
+
+    @classmethod
+    def execute(cls, model, positive, negative, max_guidance, alpha) -> io.NodeOutput:
+        return io.NodeOutput(cfg_guider(StrideRAAG.execute(model, max_guidance, alpha).result[0], positive, negative,
+                                        max_guidance))
+
+
+NODES = [StrideCFGSchedule, StrideCFGScheduleGuider, StrideRAAG, StrideRAAGGuider]
