@@ -31,21 +31,23 @@ def warn_if_distilled(model, what):
 
 
 class ScheduleStats:
-    """Per run: model calls (steps) and unconditional passes skipped; logged at the end of each run."""
+    """Per run: denoiser calls, unconditional passes skipped, and whether the guider was left alone (warned once);
+    logged at the end of each run."""
 
     def __init__(self, label):
-        self.label, self.calls, self.skipped, self.runs = label, 0, 0, []
+        self.label, self.calls, self.skipped, self.warned, self.runs = label, 0, 0, False, []
 
     def outer(self, executor, *args, **kwargs):
         self.calls = self.skipped = 0
+        self.warned = False
         try:
             return executor(*args, **kwargs)
         finally:
             if self.calls:
                 full, done = 2 * self.calls, 2 * self.calls - self.skipped
                 self.runs.append((self.calls, self.skipped))
-                logging.info(f"Stride {self.label}: unconditional pass skipped at {self.skipped} of {self.calls} "
-                             f"steps; {done} model evaluations instead of {full} (x{full / done:.2f})")
+                logging.info(f"Stride {self.label}: unconditional pass skipped in {self.skipped} of {self.calls} "
+                             f"denoiser calls; {done} model evaluations instead of {full} (x{full / done:.2f})")
 
 
 def schedule_patch(model, scale_at, label):
@@ -55,9 +57,13 @@ def schedule_patch(model, scale_at, label):
 
     def predict_noise(executor, x, timestep, model_options, seed):
         guider = executor.class_obj
-        if not isinstance(guider, comfy.samplers.CFGGuider) or type(guider).predict_noise is not \
-                comfy.samplers.CFGGuider.predict_noise:
-            logging.warning(f"Stride {label}: the guider {type(guider).__name__} is not plain CFG; schedule not applied")
+        plain_cfg = isinstance(guider, comfy.samplers.CFGGuider) and "negative" in guider.conds and \
+            type(guider).predict_noise is comfy.samplers.CFGGuider.predict_noise  # not BasicGuider, DualCFG, ...
+        if not plain_cfg:
+            if not stats.warned:
+                logging.warning(f"Stride {label}: the guider {type(guider).__name__} is not plain CFG with a negative "
+                                "conditioning; schedule not applied")
+                stats.warned = True
             return executor(x, timestep, model_options, seed)
         base = guider.cfg
         guider.cfg = scale_at(guider.model_patcher.get_model_object("model_sampling"), timestep[0], base)
