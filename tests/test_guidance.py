@@ -303,3 +303,22 @@ def test_basic_guider_is_left_alone(stride, node_class, caplog):
         x = advanced(node_class, node_class("BasicGuider").execute(patched, pos).result[0], sigmas, latent)["samples"]
     x0 = advanced(node_class, node_class("BasicGuider").execute(m, pos).result[0], sigmas, latent)["samples"]
     assert any("not plain CFG" in r.getMessage() for r in caplog.records) and rel(x, x0) < 1e-6
+
+
+@pytest.mark.parametrize("other", ["CFGZeroStar", "APG"])
+def test_schedule_composes_with_core_guidance_patches(stride, node_class, other):
+    """A core CFG patch on top of the schedule (CFGZeroStar post-CFG, APG pre-CFG): the interval still skips the
+    unconditional pass outside [start, end], and with a constant schedule the pair equals the core patch alone."""
+    model, pos, neg, latent = demo(node_class, "oracle_flow")
+    options = {"eta": 1.0, "norm_threshold": 5.0, "momentum": 0.0} if other == "APG" else {}
+    with_other = lambda m: node_class(other).execute(m, **options).result[0]
+    alone = ksampler(node_class, with_other(model), pos, neg, latent, "simple")
+    counted, counter = stride("nodes.counting").count_model_calls(model)
+    const = node_class("StrideCFGSchedule").execute(counted, "constant", **OPTIONS).result[0]
+    assert torch.equal(ksampler(node_class, with_other(const), pos, neg, latent, "simple"), alone)
+    counter.reset()
+    interval = node_class("StrideCFGSchedule").execute(counted, "interval", **OPTIONS).result[0]
+    x = ksampler(node_class, with_other(interval), pos, neg, latent, "simple")
+    expected = run(stride, node_class, "oracle_flow", "KSampler", "interval")
+    assert (counter.cond, counter.uncond) == (STEPS, expected.uncond) and expected.uncond < STEPS
+    assert bool(torch.isfinite(x).all()) and rel(x, alone) > 1e-3
