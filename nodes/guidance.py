@@ -3,6 +3,8 @@ KSampler, composable with other patches) and as GUIDERs (for SamplerCustomAdvanc
 import logging
 import math
 
+import torch
+
 import comfy.patcher_extension
 import comfy.samplers
 from comfy_api.latest import io
@@ -15,10 +17,18 @@ WrappersMP = comfy.patcher_extension.WrappersMP
 
 
 def progress(model_sampling, sigma):
-    """How far sigma is through the model's noise range: 0 at sigma_max (pure noise), 1 at sigma = 0."""
-    t = float(model_sampling.timestep(sigma.reshape(1)).reshape(-1)[0])
-    t_max = float(model_sampling.timestep(model_sampling.sigma_max.reshape(1).to(sigma)).reshape(-1)[0])
-    return min(max(1.0 - t / t_max, 0.0), 1.0) if t_max > 0 else 1.0
+    """How far sigma is through the model's noise range: 0 at sigma_max (pure noise), 1 at sigma = 0, through
+    the model's own timestep (the discrete index for SD-style models, sigma itself for flow models). Models
+    whose timestep is 0.25 log(sigma) (ComfyUI's continuous EDM / V: negative below sigma 1) use log sigma
+    between sigma_min and sigma_max instead, as ComfyUI's percent_to_sigma does for them."""
+    timestep = lambda s: float(model_sampling.timestep(torch.as_tensor(s, dtype=torch.float32).reshape(1))[0])
+    s, s_min, s_max = float(sigma), float(model_sampling.sigma_min), float(model_sampling.sigma_max)
+    if timestep(s_min) < 0:
+        p = math.log(s_max / max(s, 1e-12)) / math.log(s_max / s_min)
+    else:
+        t_max = timestep(s_max)
+        p = 1.0 - timestep(s) / t_max if t_max > 0 else 1.0
+    return min(max(p, 0.0), 1.0)
 
 
 def warn_if_distilled(model, what):
@@ -35,7 +45,7 @@ class ScheduleStats:
     logged at the end of each run."""
 
     def __init__(self, label):
-        self.label, self.calls, self.skipped, self.warned, self.runs = label, 0, 0, False, []
+        self.label, self.calls, self.skipped, self.warned, self.last_run = label, 0, 0, False, None
 
     def outer(self, executor, *args, **kwargs):
         self.calls = self.skipped = 0
@@ -45,7 +55,7 @@ class ScheduleStats:
         finally:
             if self.calls:
                 full, done = 2 * self.calls, 2 * self.calls - self.skipped
-                self.runs.append((self.calls, self.skipped))
+                self.last_run = (self.calls, self.skipped)
                 logging.info(f"Stride {self.label}: unconditional pass skipped in {self.skipped} of {self.calls} "
                              f"denoiser calls; {done} model evaluations instead of {full} (x{full / done:.2f})")
 
@@ -194,8 +204,10 @@ class StrideRAAG(io.ComfyNode):
             node_id="StrideRAAG", display_name="RAAG guidance (Stride)", category=CATEGORY,
             description="Ratio-aware adaptive guidance (Zhu et al. 2025): per image and step, the scale is "
                         "1 + (max_guidance - 1) exp(-alpha rho), rho = |cond - uncond| / |uncond| measured on the "
-                        "ODE slopes (velocities for flow models, noise predictions for EPS models). Strong guidance "
-                        "where it is safe, weak where the first steps are sensitive. Replaces the sampler's cfg.",
+                        "ODE slopes (velocities for flow models, noise predictions for EPS models). On flow models "
+                        "the ratio is large in the first steps, so guidance stays weak where they are sensitive; on "
+                        "EPS models it stays small, and RAAG acts close to constant CFG at max_guidance. Replaces "
+                        "the sampler's cfg and any other sampler_cfg_function patch (pre/post-CFG patches compose).",
             inputs=[io.Model.Input("model", tooltip="The model to patch.")] + RAAG_INPUTS(),
             outputs=[io.Model.Output(tooltip="The model guided by RAAG.")])
 

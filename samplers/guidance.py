@@ -43,8 +43,9 @@ def scheduled_scale(kind, p, cfg, start=0.0, end=1.0, floor=1.0, points=None):
     """The cfg at progress p for a schedule around the base scale cfg.
 
     Ramps follow Wang et al. 2024 (arXiv:2404.13040) in ComfyUI's convention (their w = cfg - 1), with the same
-    mean as the constant cfg: linear 1 + 2 (cfg - 1) p; cosine 1 + (cfg - 1)(1 - cos(pi p)); clamp_linear
-    max(floor, linear). interval: cfg inside [start, end] of the progress, 1 outside (Kynkaanniemi et al. 2024,
+    mean over p in [0, 1] as the constant cfg (a schedule that never reaches p = 1, as flow schedules ending at
+    sigma = 0 do, averages a little less): linear 1 + 2 (cfg - 1) p; cosine 1 + (cfg - 1)(1 - cos(pi p)); clamp_linear
+    max(floor, linear). interval: cfg inside [start, end] of the progress (both ends included), 1 outside (Kynkaanniemi et al. 2024,
     arXiv:2404.07724). custom: `points` [(p, scale)] interpolated."""
     if kind == "constant":
         return cfg

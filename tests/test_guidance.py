@@ -322,3 +322,16 @@ def test_schedule_composes_with_core_guidance_patches(stride, node_class, other)
     expected = run(stride, node_class, "oracle_flow", "KSampler", "interval")
     assert (counter.cond, counter.uncond) == (STEPS, expected.uncond) and expected.uncond < STEPS
     assert bool(torch.isfinite(x).all()) and rel(x, alone) > 1e-3
+
+
+def test_progress_spans_the_noise_range_of_continuous_edm_models(stride):
+    """ComfyUI's continuous EDM / V model samplings use timestep = 0.25 log(sigma), negative below sigma 1: progress
+    falls back to log sigma between sigma_min and sigma_max, so it stays inside (0, 1) below sigma 1 too."""
+    import comfy.model_sampling
+    ms = comfy.model_sampling.ModelSamplingContinuousEDM()
+    ms.set_parameters(sigma_min=0.002, sigma_max=80.0, sigma_data=0.5)
+    progress = stride("nodes.guidance").progress
+    values = [progress(ms, torch.tensor(s)) for s in (80.0, 20.0, 1.0, 0.5, 0.002)]
+    assert values[0] == 0.0 and values[-1] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(values, values[1:]))
+    assert values[2] == pytest.approx(math.log(80 / 1.0) / math.log(80 / 0.002), rel=1e-6)
