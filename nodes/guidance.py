@@ -188,12 +188,12 @@ def cfg_guider(model, positive, negative, cfg):
 
 
 RAAG_INPUTS = lambda: [
-    io.Float.Input("max_guidance", default=10.0, min=1.0, max=50.0, step=0.1,
+    io.Float.Input("max_guidance", default=18.0, min=1.0, max=50.0, step=0.1,
                    tooltip="w_max: the scale RAAG tends to when the guidance signal is small relative to the "
                            "unconditional prediction; it replaces the sampler's cfg."),
-    io.Float.Input("alpha", default=8.0, min=0.0, max=100.0, step=0.1,
-                   tooltip="How fast the scale drops toward 1 as the ratio |cond - uncond| / |uncond| grows "
-                           "(the paper's demo: 12 with max_guidance 18)."),
+    io.Float.Input("alpha", default=12.0, min=0.0, max=100.0, step=0.1,
+                   tooltip="How fast the scale drops toward 1 as the ratio |cond - uncond| / |uncond| grows. "
+                           "The defaults (18, 12) are the official code's; diffusers uses 10 and 8."),
 ]
 
 
