@@ -13,8 +13,9 @@ def sample_flowturbo(model, x, sigmas, extra_args=None, callback=None, disable=N
 
     The first `heun_steps` steps are Heun steps (2 evaluations); the others are pseudo-corrector steps that
     reuse the slope evaluated at the previous predictor point as their first slope (1 evaluation).
-    A step to sigma = 0 is a final denoise (one evaluation): a schedule
-    of n steps ending at 0 costs n + min(heun_steps, n - 1) evaluations."""
+    A step to sigma = 0 is a final denoise (one evaluation): a schedule of n steps ending at 0 costs
+    n + min(heun_steps, n - 1) evaluations. Every step reports to the callback (a pseudo-corrector step with the
+    denoised estimate its stale slope implies, x - sigma d)."""
     if heun_steps < 1:
         raise ValueError(f"Stride FlowTurbo: heun_steps must be >= 1 (the first step needs a fresh slope), got {heun_steps}")
     extra_args = {} if extra_args is None else extra_args
@@ -24,13 +25,14 @@ def sample_flowturbo(model, x, sigmas, extra_args=None, callback=None, disable=N
         s, t = sigmas[i], sigmas[i + 1]
         if stale is None or i < heun_steps or t == 0:
             denoised = model(x, s * s_in, **extra_args)
-            if callback is not None:
-                callback({"x": x, "i": i, "sigma": s, "sigma_hat": s, "denoised": denoised})
-            if t == 0:
-                return denoised
             d = ode_slope(x, denoised, s)
         else:
             d = stale
+            denoised = x - s * d
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": s, "sigma_hat": s, "denoised": denoised})
+        if t == 0:
+            return denoised
         x_pred = x + (t - s) * d
         d_next = ode_slope(x_pred, model(x_pred, t * s_in, **extra_args), t)
         x = x + (t - s) * (d + d_next) / 2

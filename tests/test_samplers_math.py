@@ -395,3 +395,23 @@ def test_unipc_bh1_from_pure_noise_on_flow_skips_the_first_corrector(m, cfg):
     skipped = m.multistep.sample_unipc(d, x, sigmas, param=m.core.FLOW, variant="bh1")
     kept = m.multistep.sample_unipc(d, x, m.core.FLOW.capped(sigmas), param=m.core.FLOW, variant="bh1")
     assert rel(skipped, exact) < 0.7 * rel(kept, exact), (rel(skipped, exact), rel(kept, exact))
+
+
+PROGRESS = {
+    "dpmpp_2m": lambda m, d, x, s, cb: m.multistep.sample_dpmpp(d, x, s, callback=cb),
+    "unipc": lambda m, d, x, s, cb: m.multistep.sample_unipc(d, x, s, callback=cb),
+    "plms_hb": lambda m, d, x, s, cb: m.momentum.sample_plms_hb(d, x, s, callback=cb),
+    "ghvb": lambda m, d, x, s, cb: m.momentum.sample_ghvb(d, x, s, callback=cb),
+    "flowturbo": lambda m, d, x, s, cb: m.flow.sample_flowturbo(d, x, s, callback=cb, heun_steps=1),
+    "mixed_sde": lambda m, d, x, s, cb: m.flow.sample_mixed_sde(d, x, s, callback=cb,
+                                                                noise_sampler=lambda a, b: torch.randn_like(x)),
+}
+
+
+@pytest.mark.parametrize("name", list(PROGRESS))
+def test_every_step_reports_progress(m, name):
+    """ComfyUI's progress bar and previews advance through the callback: one call per step, in order (FlowTurbo's
+    pseudo-corrector steps, which evaluate no model at their start, too)."""
+    steps, sigmas = [], schedule(False, 6)
+    PROGRESS[name](m, oracle(m, False, 2.0), start(sigmas, False), sigmas, lambda info: steps.append(info["i"]))
+    assert steps == list(range(len(sigmas) - 1))
