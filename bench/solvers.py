@@ -70,11 +70,11 @@ _QUICK_NETWORK = {"samplers": ["euler", "dpmpp_2m"], "schedulers": ["karras"], "
                   "seeds": [0], "rtol": 1e-4}
 QUICK = {"oracle_eps": _QUICK_ORACLE, "oracle_flow": _QUICK_ORACLE, "unet_small": _QUICK_NETWORK,
          "dit_small": _QUICK_NETWORK}
-EPS_MODELS = {"oracle_eps", "unet_large", "unet_small"}
+EPS_MODELS = {"oracle_eps", "unet_large", "unet_small"}  # AYS/GITS are SD1.5-schedule nodes
 # Stride's methods run on two schedulers per family: ComfyUI's usual default and the best in its own baseline
 # (a plan's "stride_schedulers": 1 keeps the first only).
 STRIDE_SCHEDULERS = {"eps": ["karras", "exponential"], "flow": ["simple", "beta"]}
-ORACLE_MODELS = {"oracle_eps", "oracle_flow"}  # AYS/GITS are SD1.5-schedule nodes
+ORACLE_MODELS = {"oracle_eps", "oracle_flow"}
 
 
 def sampler_object(label):
@@ -88,7 +88,8 @@ def sampler_object(label):
 
 def steps_for(label, nfe):
     if label == "stride_flowturbo":  # n steps cost n + heun_steps evaluations
-        heun = STRIDE[label][1].get("heun_steps", 2)
+        name, options, _ = STRIDE[label]
+        heun = {**host.stride("nodes.sampler_bridge").KSAMPLERS[name][1], **options}["heun_steps"]
         return max(nfe - heun, 2)
     if label in STRIDE:
         return nfe
@@ -97,17 +98,14 @@ def steps_for(label, nfe):
 
 
 def schedule(model_sampling, label, scheduler, steps):
-    """Sigmas as a user gets them: KSampler's handling for named schedulers, the node's output otherwise."""
-    import comfy.samplers
+    """Sigmas as a user gets them: KSampler's handling for named schedulers (the compare node's), the node's
+    output otherwise."""
     import nodes
     if scheduler in SCHEDULE_NODES:
         node_id, options = SCHEDULE_NODES[scheduler]
         return nodes.NODE_CLASS_MAPPINGS[node_id].execute(steps=steps, denoise=1.0, **options).result[0]
     name = (STRIDE.get(label) or SAMPLERS[label])[0]
-    if name in comfy.samplers.KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS:
-        sigmas = comfy.samplers.calculate_sigmas(model_sampling, scheduler, steps + 1)
-        return torch.cat([sigmas[:-2], sigmas[-1:]])
-    return comfy.samplers.calculate_sigmas(model_sampling, scheduler, steps)
+    return host.stride("nodes.compare").schedule(model_sampling, name, scheduler, steps)
 
 
 def available(names):

@@ -45,7 +45,7 @@ class ScheduleStats:
     logged at the end of each run."""
 
     def __init__(self, label):
-        self.label, self.calls, self.skipped, self.warned, self.last_run = label, 0, 0, False, None
+        self.label, self.calls, self.skipped, self.warned = label, 0, 0, False
 
     def outer(self, executor, *args, **kwargs):
         self.calls = self.skipped = 0
@@ -55,7 +55,6 @@ class ScheduleStats:
         finally:
             if self.calls:
                 full, done = 2 * self.calls, 2 * self.calls - self.skipped
-                self.last_run = (self.calls, self.skipped)
                 logging.info(f"Stride {self.label}: unconditional pass skipped in {self.skipped} of {self.calls} "
                              f"denoiser calls; {done} model evaluations instead of {full} (x{full / done:.2f})")
 
@@ -87,7 +86,7 @@ def schedule_patch(model, scale_at, label):
     patched = model.clone()
     patched.add_wrapper_with_key(WrappersMP.PREDICT_NOISE, KEY, predict_noise)
     patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, KEY, stats.outer)
-    return patched, stats
+    return patched
 
 
 def cfg_schedule(kind, start, end, floor, points, points_in):
@@ -156,7 +155,7 @@ class StrideCFGSchedule(io.ComfyNode):
     def execute(cls, model, schedule, start, end, floor, points, points_in) -> io.NodeOutput:
         warn_if_distilled(model, "CFG schedule")
         scale_at = cfg_schedule(schedule, start, end, floor, points, points_in)
-        return io.NodeOutput(schedule_patch(model, scale_at, f"CFG schedule ({schedule})")[0])
+        return io.NodeOutput(schedule_patch(model, scale_at, f"CFG schedule ({schedule})"))
 
 
 class StrideCFGScheduleGuider(io.ComfyNode):
