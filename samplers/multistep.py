@@ -77,14 +77,14 @@ def unipc_update(param, x, s, t, hist, order, d0, variant, denoised_t=None):
     return x_0 - bcast(alpha_b, x) * res
 
 
-@torch.no_grad()
 def sample_exponential(model, x, sigmas, extra_args=None, callback=None, disable=None, param=VE, solver="dpmpp",
                        order=2, variant="bh1", corrector=True, lower_order_final=False, plugins=()):
     """The shared multistep loop. solver: 'dpmpp' (DDIM at order 1) or 'unipc'.
 
     Step j (to sigmas[j]) uses order min(order, j) (warm-up), and with lower_order_final also
     min(order, steps + 1 - j). A step to sigma = 0 is a final denoise. UniPC's corrector uses the model
-    output at the predicted point, which is also the next step's history entry (no extra evaluation)."""
+    output at the predicted point, which is also the next step's history entry (no extra evaluation).
+    Differentiable in x and sigmas (no no_grad here: ComfyUI samples under inference mode; LD3 backpropagates)."""
     check_order(solver, order, variant)
     extra_args = {} if extra_args is None else extra_args
     # A flow schedule from sigma = 1 starts at lambda = -inf, capped: its first step is huge in lambda (about 7).

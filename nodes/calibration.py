@@ -1,0 +1,116 @@
+"""Running a calibration inside ComfyUI: the user's model, guidance, conditioning and patches become a plain
+guided denoiser D(x, sigma) for Stride's pure optimizers, through a KSAMPLER run (ComfyUI's public sampler
+path), with a cost estimate before the work, a progress bar, and the evaluations counted."""
+import logging
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+
+from ..samplers.schedules.common import Counted
+from .calibration_store import _digest
+from .sampler_bridge import model_param
+
+
+@dataclass
+class Calibration:
+    """What an optimizer gets: the counted guided denoiser, the calibration batch at the first sigma, the
+    model's noise range and parameterization, and run(name, sigmas, x) for any KSampler sampler by name."""
+    denoiser: Counted
+    x: torch.Tensor
+    param: object  # the model's Param (flow or VE)
+    sigma_min: float
+    sigma_max: float
+    run: callable
+    inner_model: object  # ComfyUI's CFGGuider; its inner_model is the BaseModel
+
+
+def conditioning_digest(*conds):
+    """A short hash of conditionings (their tensors sampled), so a calibration is tied to its prompts."""
+    parts = []
+    for cond in conds:
+        for tensor, options in cond:
+            parts += [tensor] + [v for k in sorted(options) for v in (k, options[k]) if torch.is_tensor(v)
+                                 or isinstance(v, (int, float, str))]
+    return _digest(parts)
+
+
+def teacher_grid(model_sampling, points, flow):
+    """A fine grid over the model's range: ComfyUI's `simple` (uniform in timestep) for flow models, `karras`
+    for the others; the final 0 dropped."""
+    return comfy.samplers.calculate_sigmas(model_sampling, "simple" if flow else "karras", points)[:-1].double()
+
+
+def calibrate(model, positive, negative, latent, cfg, seed, samples, budget, label, fn):
+    """fn(Calibration) run inside one ComfyUI sampling pass of the model (a batch of `samples` latents from
+    `latent`, noised from `seed`); returns (fn's result, evaluations used, seconds)."""
+    latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+    reps = math.ceil(samples / latent_image.shape[0])
+    latent_image = latent_image.repeat(reps, *[1] * (latent_image.ndim - 1))[:samples]
+    noise = comfy.sample.prepare_noise(latent_image, seed)
+    ms = model.get_model_object("model_sampling")
+    sigmas = torch.tensor([float(ms.sigma_max), float(ms.sigma_min), 0.0])
+    pbar = comfy.utils.ProgressBar(max(int(budget), 1))
+    result = {}
+
+    def progress(done, total):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        pbar.update_absolute(min(int(done), pbar.total))
+
+    def sampler_fn(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
+        extra_args = extra_args or {}
+        dtype = x.dtype
+
+        def guided(x_, s_, **kwargs):
+            return model_k(x_.to(dtype), s_.to(dtype), **(kwargs or extra_args)).to(x_.dtype)
+        counted = Counted(guided, x.shape[0], budget, progress)
+        counted.inner_model = model_k.inner_model  # Stride samplers read the model's parameterization here
+        start = time.perf_counter()
+        counted(x, sigmas[:1].expand(x.shape[0]))  # one timed evaluation: the cost estimate
+        per_call = time.perf_counter() - start
+        logging.info("Stride %s: calibration of up to %d model evaluations on a batch of %d, about %.0f s "
+                     "(one evaluation took %.2f s)", label, budget, x.shape[0], budget * per_call, per_call)
+
+        def run(name, sigmas_, x_):
+            sampler = comfy.samplers.sampler_object(name)
+            return sampler.sampler_function(counted, x_.clone(), sigmas_.clone().to(x_.device), extra_args=extra_args,
+                                            callback=None, disable=True, **sampler.extra_options)
+        ctx = Calibration(counted, x, model_param(model_k), float(ms.sigma_min), float(ms.sigma_max),
+                          run, model_k.inner_model)
+        result["value"] = fn(ctx)
+        result["calls"] = counted.calls
+        return x
+
+    start = time.perf_counter()
+    comfy.sample.sample_custom(model, noise, cfg, comfy.samplers.KSAMPLER(sampler_fn), sigmas, positive, negative,
+                               latent_image, seed=seed, disable_pbar=True)
+    return result["value"], result["calls"], time.perf_counter() - start
+
+
+@contextmanager
+def autograd_weights(module):
+    """ComfyUI loads weights under inference mode, and autograd cannot save inference tensors for the backward
+    pass. Inside this context the module's inference-mode parameters and buffers are replaced by ordinary
+    copies (one extra copy of the weights while it lasts), and put back after."""
+    swapped = []
+    with torch.inference_mode(False):
+        for mod in module.modules():
+            for store in (mod._parameters, mod._buffers):
+                for name, value in list(store.items()):
+                    if value is not None and value.is_inference():
+                        copy = value.clone()
+                        store[name] = torch.nn.Parameter(copy, requires_grad=False) \
+                            if isinstance(value, torch.nn.Parameter) else copy
+                        swapped.append((store, name, value))
+    try:
+        yield
+    finally:
+        for store, name, value in swapped:
+            store[name] = value

@@ -1,0 +1,80 @@
+"""LD3-style learned times (Tong et al. 2025, arXiv:2405.15506): the solver's timesteps as a softmax-cumsum of
+logits over the half-log-SNR range, fitted by gradient descent to the latent L2 error against a teacher's
+output, with LD3's slack: the student may start from x'_T within a small ball around the teacher's noise.
+
+Times only (no decoupled evaluation times): a SIGMAS list cannot carry them. Each model call is
+gradient-checkpointed, so the backward pass keeps the per-step latents and one call's activations.
+"""
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from .common import BudgetExceeded, mse, nodes_to_floor
+
+
+def logits_from(init, sigma_min, param):
+    """Logits theta [N+1] whose times reproduce the schedule `init` (N steps, ending in 0)."""
+    lams = param.lam(_nodes(init, sigma_min, param))
+    c = (lams - lams[0]) / (lams[-1] - lams[0])
+    p = torch.diff(c).clamp_min(1e-6)
+    return torch.log(torch.cat([p.mean().reshape(1), p]))
+
+
+def sigmas_from(theta, init, sigma_min, param):
+    """The schedule of logits theta: lambda_i = lambda_0 + c_i (lambda_N - lambda_0), c the min-max normalised
+    cumulative softmax; the first sigma is init's, the last node (sigma_min) becomes the final 0."""
+    ends = param.lam(_nodes(init, sigma_min, param)[[0, -1]])
+    c = torch.cumsum(torch.softmax(theta, 0), 0)
+    c = (c - c[0]) / (c[-1] - c[0])
+    sig = param.sigma_of(ends[0] + c * (ends[1] - ends[0]))
+    return torch.cat([init[:1].to(sig), sig[1:-1], sig.new_zeros(1)])
+
+
+def _nodes(init, sigma_min, param):
+    return param.capped(nodes_to_floor(init, sigma_min))
+
+
+def optimize(denoiser, solve, x, target, init, sigma_min, param, lr=5e-3, slack=1e-3, max_iters=10_000):
+    """Fit the times of `init` (N steps, ending in 0) so that solve(model, x', sigmas) matches target.
+
+    denoiser: D(x, sigma) (a Counted, whose budget ends the fit; each iteration also charges 2 evaluations per
+    model call for the backward pass); solve: a differentiable Stride sampler. The slack radius is LD3's
+    r = slack * d / N^2 (d: latent size per sample). Returns (best sigmas, its loss, the initial loss, iterations)."""
+    steps = len(init) - 1
+    theta = torch.nn.Parameter(logits_from(init, sigma_min, param))
+    opt = torch.optim.RMSprop([theta], lr=lr, momentum=0.9)
+    radius = slack * x[0].numel() / steps ** 2
+    x_t, prev_loss = x.detach().clone(), None
+    model = lambda x_, s_, **kw: checkpoint(denoiser, x_, s_, use_reentrant=False, **kw)
+    best, first, iters = None, None, 0
+    with torch.enable_grad():
+        while iters < max_iters:
+            x_var = x_t.clone().requires_grad_(True)
+            try:
+                sigmas = sigmas_from(theta, init, sigma_min, param)
+                losses = mse(solve(model, x_var, sigmas), target)
+                denoiser.charge(2 * steps)  # the backward pass through every model call
+            except BudgetExceeded:
+                if iters < 2:
+                    raise
+                break
+            loss = losses.mean()
+            value = loss.item()
+            if first is None:
+                first = value
+            if best is None or value < best[1]:
+                best = (sigmas.detach().float(), value)
+            if prev_loss is not None:  # keep a sample's moved noise only where its loss went down
+                worse = losses.detach() > prev_loss
+                x_t[worse] = x_prev[worse]
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([theta], 1.0)
+            opt.step()
+            x_prev, prev_loss = x_t.clone(), losses.detach()
+            with torch.no_grad():  # SGD on x'_T, projected back onto the ball around the teacher's noise
+                moved = x_t - (12.0 / steps) * x_var.grad
+                delta = moved - x
+                norm = delta.flatten(1).norm(dim=1).clamp_min(1e-12)
+                x_t = x + delta * (radius / norm).clamp(max=1.0).reshape(-1, *[1] * (x.ndim - 1))
+            iters += 1
+    return best[0], best[1], first, iters
