@@ -1,4 +1,4 @@
 """ComfyUI adapters: thin nodes that read ComfyUI objects and call Stride's math."""
-from . import compare, demo, guidance, samplers, schedules
+from . import calibrated, compare, demo, guidance, samplers, schedules
 
-NODES = [*demo.NODES, *samplers.NODES, *guidance.NODES, *compare.NODES, *schedules.NODES]
+NODES = [*demo.NODES, *samplers.NODES, *guidance.NODES, *compare.NODES, *schedules.NODES, *calibrated.NODES]

@@ -48,9 +48,10 @@ def teacher_grid(model_sampling, points, flow):
     return comfy.samplers.calculate_sigmas(model_sampling, "simple" if flow else "karras", points)[:-1].double()
 
 
-def calibrate(model, positive, negative, latent, cfg, seed, samples, budget, label, fn):
+def calibrate(model, positive, negative, latent, cfg, seed, samples, budget, label, fn, capped=True):
     """fn(Calibration) run inside one ComfyUI sampling pass of the model (a batch of `samples` latents from
-    `latent`, noised from `seed`); returns (fn's result, evaluations used, seconds)."""
+    `latent`, noised from `seed`); returns (fn's result, evaluations used, seconds). budget caps the model
+    evaluations (capped=False: only an estimate, for the progress bar and the cost log)."""
     latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
     reps = math.ceil(samples / latent_image.shape[0])
     latent_image = latent_image.repeat(reps, *[1] * (latent_image.ndim - 1))[:samples]
@@ -70,13 +71,14 @@ def calibrate(model, positive, negative, latent, cfg, seed, samples, budget, lab
 
         def guided(x_, s_, **kwargs):
             return model_k(x_.to(dtype), s_.to(dtype), **(kwargs or extra_args)).to(x_.dtype)
-        counted = Counted(guided, x.shape[0], budget, progress)
+        counted = Counted(guided, x.shape[0], budget if capped else None, progress)
         counted.inner_model = model_k.inner_model  # Stride samplers read the model's parameterization here
         start = time.perf_counter()
         counted(x, sigmas[:1].expand(x.shape[0]))  # one timed evaluation: the cost estimate
         per_call = time.perf_counter() - start
-        logging.info("Stride %s: calibration of up to %d model evaluations on a batch of %d, about %.0f s "
-                     "(one evaluation took %.2f s)", label, budget, x.shape[0], budget * per_call, per_call)
+        logging.info("Stride %s: calibration of %s %d model evaluations on a batch of %d, about %.0f s "
+                     "(one evaluation took %.2f s)", label, "up to" if capped else "about", budget, x.shape[0],
+                     budget * per_call, per_call)
 
         def run(name, sigmas_, x_):
             sampler = comfy.samplers.sampler_object(name)

@@ -101,7 +101,8 @@ def read(path):
         return {k: f.get_tensor(k) for k in f.keys()}, meta
 
 
-def _candidates(method):
+def paths(method):
+    """The stored files of a method, in every calibration folder."""
     register()
     for folder in folder_paths.get_folder_paths(FOLDER):
         if os.path.isdir(folder):
@@ -115,7 +116,7 @@ def find(method, settings, fp):
     for the same method and settings made for another model, or in an older format, are logged with the
     reason they are not used."""
     want = _settings_id(method, settings)
-    for path in _candidates(method):
+    for path in paths(method):
         if not path.endswith(f"-{want}.safetensors"):
             continue
         try:

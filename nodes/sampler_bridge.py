@@ -81,12 +81,13 @@ def stride_sampler(name, **overrides):
     return sampler_object(fn, name, {**options, **overrides})
 
 
-def register_ksampler_names():
-    """Add the `stride_*` names to ComfyUI's KSampler lists (idempotent): KSampler resolves a name through
-    comfy.k_diffusion.sampling.sample_<name>, and both name lists are read on every /object_info request."""
+def register_ksampler_names(extra=None):
+    """Add the `stride_*` names (and `extra` ones, same form) to ComfyUI's KSampler lists (idempotent): KSampler
+    resolves a name through comfy.k_diffusion.sampling.sample_<name>, and both name lists are read on every
+    /object_info request."""
     import comfy.k_diffusion.sampling as kds
     import comfy.samplers
-    for name, (fn, options) in KSAMPLERS.items():
+    for name, (fn, options) in {**KSAMPLERS, **(extra or {})}.items():
         setattr(kds, "sample_" + name, functools.partial(bridged(fn, name), **options))
         for names in (comfy.samplers.KSAMPLER_NAMES, comfy.samplers.SAMPLER_NAMES):
             if name not in names:

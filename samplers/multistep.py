@@ -90,11 +90,11 @@ def sample_exponential(model, x, sigmas, extra_args=None, callback=None, disable
     # A flow schedule from sigma = 1 starts at lambda = -inf, capped: its first step is huge in lambda (about 7).
     # bh1's B(h) = h grows without bound with it (a corrector weight of about 3.5 there), bh2's 1 - e^-h does not:
     # bh1 skips the corrector of that one step.
-    skip_first_corrector = variant == "bh1" and param.flow and float(sigmas[0]) >= 1.0
+    skip_first_corrector = variant == "bh1" and param.flow and bool(sigmas[0] >= 1.0)
     sigmas = param.capped(sigmas)
     steps = len(sigmas) - 1
-    hist = History(order)
     plugins = [p for p in plugins if p is not None]
+    hist = History(max([order] + [p.history for p in plugins]))
     for p in plugins:
         p.reset(param, sigmas)
     if solver == "dpmpp":
@@ -114,9 +114,11 @@ def sample_exponential(model, x, sigmas, extra_args=None, callback=None, disable
                 and not (i == 1 and skip_first_corrector):
             x = unipc_update(param, x_prev, s_prev, s, hist, k, d0, variant, denoised_t=denoised)
         hist.push(denoised, param.lam(s))
+        for p in plugins:
+            p.compensate(i, x, hist)
         j = i + 1
         k = min(order, j, steps + 1 - j) if lower_order_final else min(order, j)
-        d0 = denoised
+        d0 = hist.items[0][0]
         for p in plugins:
             d0 = p.first_order(i, x, s, t, d0)
         x_prev, s_prev = x, s

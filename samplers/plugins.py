@@ -1,16 +1,23 @@
 """Solver plug-ins for the multistep loop (multistep.py): zero-NFE changes to a base solver's step.
 
-A plug-in sees the run through four hooks: reset (start of a run), first_order (the value the first-order
-term uses), combine (DPM-Solver++'s combined data prediction, orders 1-2) and after_step (the new state
-and its sigma). State lives on the plug-in and is reset at the start of every run.
+A plug-in sees the run through five hooks: reset (start of a run), compensate (the multistep buffer, after the
+newest model output and any corrector, before the step: it may rewrite the newest entry), first_order (the
+value the first-order term uses), combine (DPM-Solver++'s combined data prediction, orders 1-2) and
+after_step (the new state and its sigma). `history` asks for a longer buffer. State lives on the plug-in and
+is reset at the start of every run.
 """
 import torch
 
 from .core import bcast
 
 class Plugin:
+    history = 0  # buffer entries the plug-in needs (beyond the solver's order)
+
     def reset(self, param, sigmas):
         self.param, self.sigmas = param, sigmas
+
+    def compensate(self, i, x, hist):
+        pass
 
     def first_order(self, i, x, s, t, d0):
         return d0

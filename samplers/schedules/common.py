@@ -60,7 +60,8 @@ def log_grid(sigma_max, sigma_min, n, flow=False):
     sigma = 1 end is kept exactly: its lambda is -inf, so the grid starts at FLOW's capped sigma)."""
     param = param_of(flow)
     top = torch.tensor(min(sigma_max, param.sigma_cap) if flow else sigma_max, dtype=torch.float64)
-    lams = torch.linspace(float(param.lam(top)), float(param.lam(torch.tensor(sigma_min, dtype=torch.float64))), n)
+    lams = torch.linspace(float(param.lam(top)), float(param.lam(torch.tensor(sigma_min, dtype=torch.float64))), n,
+                          dtype=torch.float64)
     grid = param.sigma_of(lams)
     grid[0], grid[-1] = sigma_max, sigma_min
     return grid
@@ -121,8 +122,9 @@ def with_denoise(sigmas, denoise):
         raise ValueError(f"Stride schedule: denoise must be in [0, 1], got {denoise}")
     if denoise >= 1.0:
         return sigmas
-    steps = round((len(sigmas) - 1) * denoise)
-    return sigmas[-(steps + 1):] if steps > 0 else sigmas.new_zeros(0)
+    if denoise <= 0.0:
+        return sigmas.new_zeros(0)
+    return sigmas[-(round((len(sigmas) - 1) * denoise) + 1):]
 
 
 def schedule_text(sigmas, **meta):

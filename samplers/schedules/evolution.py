@@ -56,8 +56,11 @@ def search(fitness, init, sigma_min, flow=False, grid_size=200, population=16, t
     generations = 0
     try:
         while True:
+            tried = len(seen)
             ranked = sorted(set(pool), key=score)
             generations += 1
+            if generations > 1 and len(seen) == tried:
+                break  # a generation with nothing new: the grid is exhausted (small grids, few steps)
             parents = ranked[:top]
             pool = parents + [mutate(parents[int(torch.randint(len(parents), (), generator=gen))])
                               for _ in range(population // 2)]

@@ -8,7 +8,7 @@ gradient-checkpointed, so the backward pass keeps the per-step latents and one c
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .common import BudgetExceeded, mse, nodes_to_floor
+from .common import BudgetExceeded, mse
 
 
 def logits_from(init, sigma_min, param):
@@ -30,14 +30,19 @@ def sigmas_from(theta, init, sigma_min, param):
 
 
 def _nodes(init, sigma_min, param):
-    return param.capped(nodes_to_floor(init, sigma_min))
+    """init's nonzero sigmas and the floor its last one may move down to (sigma_min, or itself when it is already
+    there): the logits then reproduce init exactly and every learned sigma stays in the model's range."""
+    inner = init[:-1].double()
+    floor = min(float(inner[-1]), sigma_min)
+    return param.capped(torch.cat([inner, inner.new_tensor([floor])]))
 
 
 def optimize(denoiser, solve, x, target, init, sigma_min, param, lr=5e-3, slack=1e-3, max_iters=10_000):
     """Fit the times of `init` (N steps, ending in 0) so that solve(model, x', sigmas) matches target.
 
-    denoiser: D(x, sigma) (a Counted, whose budget ends the fit; each iteration also charges 2 evaluations per
-    model call for the backward pass); solve: a differentiable Stride sampler. The slack radius is LD3's
+    denoiser: D(x, sigma) (a Counted, whose budget ends the fit: an iteration costs 4 evaluations per model call,
+    the forward call and its checkpoint recomputation, both counted by the denoiser, and 2 charged for the backward
+    pass); solve: a differentiable Stride sampler. The slack radius is LD3's
     r = slack * d / N^2 (d: latent size per sample). Returns (best sigmas, its loss, the initial loss, iterations)."""
     steps = len(init) - 1
     theta = torch.nn.Parameter(logits_from(init, sigma_min, param))
@@ -48,15 +53,15 @@ def optimize(denoiser, solve, x, target, init, sigma_min, param, lr=5e-3, slack=
     best, first, iters = None, None, 0
     with torch.enable_grad():
         while iters < max_iters:
-            x_var = x_t.clone().requires_grad_(True)
-            try:
-                sigmas = sigmas_from(theta, init, sigma_min, param)
-                losses = mse(solve(model, x_var, sigmas), target)
-                denoiser.charge(2 * steps)  # the backward pass through every model call
-            except BudgetExceeded:
+            if denoiser.budget is not None and denoiser.calls + 4 * steps > denoiser.budget + 1e-9:
                 if iters < 2:
-                    raise
+                    raise BudgetExceeded(f"LD3 needs {4 * steps} model evaluations per iteration and at least two "
+                                         f"iterations; the budget is {denoiser.budget:g}")
                 break
+            x_var = x_t.clone().requires_grad_(True)
+            sigmas = sigmas_from(theta, init, sigma_min, param)
+            losses = mse(solve(model, x_var, sigmas), target)
+            denoiser.charge(2 * steps)  # the backward pass through every model call
             loss = losses.mean()
             value = loss.item()
             if first is None:

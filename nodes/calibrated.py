@@ -1,0 +1,277 @@
+"""Calibrated solver nodes: DC-Solver and IIA measured once on the user's model (calibrate nodes), then used by
+SAMPLER nodes (from a calibration or its text pasted into the workflow) and by `stride_*` KSampler names that
+find a stored calibration for the model they run on."""
+import json
+import logging
+
+import torch
+
+import comfy.samplers
+from comfy_api.latest import io
+
+from ..samplers.calibrated import dc_solver, iia
+from ..samplers.calibrated.memo import Memo
+from ..samplers.core import check_sigmas
+from ..samplers.schedules.common import mse, teacher_trajectory
+from . import calibration_store as store
+from .calibration import calibrate, conditioning_digest
+from .sampler_bridge import model_param, sampler_object
+
+CATEGORY = "sampling/stride/calibration"
+TEXT_VERSION = 1
+REFINE = 8  # the reference trajectory: Stride's UniPC-3 with this many steps per step of the schedule
+METHODS = {"dc_solver": "DC-Solver", "iia": "IIA"}
+
+
+def calibration_text(method, fp, sigmas, cfg, options, values):
+    """The calibration as one line of JSON, small enough for a workflow widget."""
+    return json.dumps({"stride_calibration": TEXT_VERSION, "method": method, "model": fp["id"], "cfg": cfg,
+                       "sigmas": [float(s) for s in sigmas], "options": options, "values": values})
+
+
+def parse_calibration(text, method):
+    """The calibration dict of a calibration text, checked for its method and format."""
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, TypeError) as e:
+        raise ValueError(f"Stride {METHODS[method]}: the calibration text is not valid JSON ({e}); paste the text "
+                         "the calibrate node wrote") from None
+    if data.get("stride_calibration") != TEXT_VERSION:
+        raise ValueError(f"Stride {METHODS[method]}: not a Stride calibration of this version "
+                         f"({data.get('stride_calibration')!r}, expected {TEXT_VERSION}); recalibrate")
+    if data.get("method") != method:
+        raise ValueError(f"Stride {METHODS[method]}: this is a {data.get('method')} calibration, not {method}")
+    return data
+
+
+def match(calibration, sigmas, method):
+    """None if the calibration fits this schedule, else why not."""
+    want = torch.tensor(calibration["sigmas"], dtype=torch.float64)
+    got = torch.as_tensor(sigmas, dtype=torch.float64).cpu()
+    if len(want) != len(got):
+        return f"it was made for {len(want) - 1} steps, this run has {len(got) - 1}"
+    if not torch.allclose(want, got, rtol=1e-4, atol=1e-6):
+        return "it was made for another schedule (scheduler, denoise or model sampling differ)"
+    return None
+
+
+def calibrated_sampler(method, calibration, fallback_reason=None):
+    """The k-diffusion sampler function of a calibration: checks the model and the schedule at run time, and
+    refuses another model with a clear error."""
+    def sample(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        fp = store.fingerprint(model.inner_model.model_patcher)
+        if calibration["model"] != fp["id"]:
+            raise ValueError(f"Stride {METHODS[method]}: this calibration was made for another model "
+                             f"({calibration['model']}, this one is {fp['id']}); calibrate this model instead")
+        why = match(calibration, sigmas, method)
+        if why:
+            raise ValueError(f"Stride {METHODS[method]}: the calibration does not fit this run: {why}")
+        return run_calibrated(method, calibration, model, x, sigmas, extra_args, callback, disable)
+    return sample
+
+
+def run_calibrated(method, calibration, model, x, sigmas, extra_args, callback, disable):
+    options, param = calibration["options"], model_param(model)
+    if method == "dc_solver":
+        return dc_solver.sample_dc(model, x, sigmas, extra_args, callback, disable, param,
+                                   ratios=calibration["values"], solver=options["solver"])
+    return iia.sample_iia(model, x, sigmas, extra_args, callback, disable, param, base=options["base"],
+                          gammas=calibration["values"])
+
+
+def fit(method, ctx, sigmas, options):
+    """Search DC-Solver's ratios or fit IIA's coefficients on the calibration batch (pure math in samplers/)."""
+    sigmas = sigmas.to(torch.float64)
+    memo = Memo(ctx.denoiser)
+    if method == "dc_solver":
+        reference, _ = teacher_trajectory(ctx.denoiser, ctx.x, sigmas[:-1], ctx.param.flow, REFINE)
+        values = dc_solver.search_ratios(memo, ctx.x, sigmas, reference, ctx.param, solver=options["solver"])
+        run = lambda v: dc_solver.sample_dc(memo, ctx.x, sigmas, param=ctx.param, ratios=v, solver=options["solver"])
+        plain = [1.0] * len(values)
+    else:
+        reference = teacher_trajectory(ctx.denoiser, ctx.x, sigmas[:-1], ctx.param.flow, REFINE)[0]
+        values = iia.fit_gammas(memo, ctx.x, sigmas, ctx.sigma_min, ctx.param, options["base"],
+                                reference=reference if options["target"] == "reference" else None)
+        run = lambda v: iia.sample_iia(memo, ctx.x, sigmas, param=ctx.param, base=options["base"], gammas=v)
+        plain = []
+    errors = {"error": float(mse(run(values), reference[-1]).mean()),
+              "base_error": float(mse(run(plain), reference[-1]).mean())}
+    return values, errors
+
+
+def find_stored(method, model_patcher, sigmas, cfg):
+    """(calibration dict, None) of a stored calibration for this model and schedule, or (None, why not)."""
+    fp = store.fingerprint(model_patcher)
+    reasons = []
+    for path in store.paths(method):
+        try:
+            _, meta = store.read(path)
+        except Exception as e:  # damaged files are reported, never fatal
+            reasons.append(f"{path} unreadable ({e})")
+            continue
+        calibration = meta.get("info", {}).get("calibration")
+        if meta.get("version") != store.VERSION or not calibration:
+            continue
+        if store.mismatch(meta.get("fingerprint", {}), fp):
+            continue
+        why = match(calibration, sigmas, method) or (None if abs(calibration["cfg"] - cfg) < 1e-6 else
+                                                     f"it was made at cfg {calibration['cfg']}, this run uses {cfg}")
+        if why is None:
+            return calibration, None
+        reasons.append(why)
+    return None, "; ".join(reasons) or "none is stored for this model"
+
+
+def ksampler_function(method, fallback):
+    """The function behind a `stride_*` calibrated KSampler name: a stored calibration for the model and
+    schedule of this run if there is one (logged), otherwise the uncalibrated base solver (logged, with why)."""
+    def sample(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        check_sigmas(sigmas, METHODS[method])
+        guider = model.inner_model
+        calibration, why = find_stored(method, guider.model_patcher, sigmas, float(getattr(guider, "cfg", 1.0)))
+        if calibration is None:
+            logging.warning("Stride %s: no calibration fits this run (%s); sampling with the uncalibrated base "
+                            "solver. Run the 'Calibrate %s (Stride)' node for this model, schedule and cfg.",
+                            METHODS[method], why, METHODS[method])
+            return fallback(model, x, sigmas, extra_args, callback, disable)
+        logging.info("Stride %s: using the stored calibration for model %s (%d steps, cfg %g)", METHODS[method],
+                     calibration["model"], len(calibration["sigmas"]) - 1, calibration["cfg"])
+        return run_calibrated(method, calibration, model, x, sigmas, extra_args, callback, disable)
+    return sample
+
+
+def _fallbacks():
+    from ..samplers import multistep
+    return {"dc_solver": lambda *a: multistep.sample_unipc(*a, param=model_param(a[0]), order=2, variant="bh2"),
+            "iia": lambda *a: multistep.sample_dpmpp(*a, param=model_param(a[0]), order=2)}
+
+
+# `stride_*` KSampler names that use a stored calibration for the model they run on (never rename one)
+KSAMPLERS = {"stride_dc_solver": (ksampler_function("dc_solver", _fallbacks()["dc_solver"]), {}),
+             "stride_iia_dpmpp_2m": (ksampler_function("iia", _fallbacks()["iia"]), {})}
+
+
+def _calibrate_inputs(extra):
+    return [
+        io.Model.Input("model", tooltip="The model to calibrate (with its LoRAs and patches)."),
+        io.Conditioning.Input("positive", tooltip="Conditioning of the calibration (prompts like yours)."),
+        io.Conditioning.Input("negative", tooltip="Negative conditioning of the calibration."),
+        io.Latent.Input("latent_image", tooltip="A latent of the size you will sample at; repeated to the batch."),
+        io.Float.Input("cfg", default=5.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                       tooltip="The guidance scale you will sample with (a calibration holds for one scale)."),
+        io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="karras",
+                       tooltip="The scheduler you will sample with (ignored when `sigmas` is connected)."),
+        io.Int.Input("steps", default=6, min=3, max=100, tooltip="The number of steps you will sample with."),
+        io.Int.Input("samples", default=4, min=1, max=64, tooltip="Calibration noises (the batch)."),
+        io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=False,
+                     tooltip="Seed of the calibration noises."),
+    ] + extra + [io.Sigmas.Input("sigmas", optional=True,
+                                 tooltip="Optional: calibrate for this schedule (e.g. an optimized one) instead.")]
+
+
+def _calibrate(method, model, positive, negative, latent_image, cfg, scheduler, steps, samples, seed, sigmas,
+               options, cost_per_step):
+    ms = model.get_model_object("model_sampling")
+    if sigmas is None:
+        sigmas = comfy.samplers.calculate_sigmas(ms, scheduler, steps)
+    check_sigmas(sigmas, METHODS[method])
+    if len(sigmas) < 4 or float(sigmas[-1]) != 0.0:
+        raise ValueError(f"Stride {METHODS[method]}: calibrate a schedule of at least 3 steps ending in 0")
+    fp = store.fingerprint(model)
+    settings = {"cfg": cfg, "sigmas": [round(float(s), 6) for s in sigmas], "samples": samples, "seed": seed,
+                "latent": list(latent_image["samples"].shape[1:]), "options": options,
+                "conditioning": conditioning_digest(positive, negative)}
+    found = store.find(method, settings, fp)
+    if found is not None:
+        logging.info("Stride %s: reused %s (no model run)", METHODS[method], found[2])
+        return found[1]["info"]["text"]
+    estimate = 1 + (len(sigmas) - 1) * cost_per_step
+    (values, errors), calls, seconds = calibrate(model, positive, negative, latent_image, cfg, seed, samples,
+                                                 estimate, METHODS[method], lambda ctx: fit(method, ctx, sigmas, options),
+                                                 capped=False)
+    text = calibration_text(method, fp, sigmas, cfg, options, values)
+    info = {**errors, "evaluations": round(calls, 2), "seconds": round(seconds, 2),
+            "calibration": json.loads(text), "text": text}
+    store.save(method, settings, fp, {"sigmas": sigmas.float()}, info)
+    logging.info("Stride %s: %d model evaluations, %.1f s; error against the reference %.4g (uncalibrated %.4g)",
+                 METHODS[method], calls, seconds, errors["error"], errors["base_error"])
+    return text
+
+
+class StrideCalibrateDCSolver(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="StrideCalibrateDCSolver", display_name="Calibrate DC-Solver (Stride)", category=CATEGORY,
+            description="DC-Solver's compensation ratios searched on your model: a reference trajectory from the "
+                        "calibration noises, then per step the ratio whose compensated step lands closest to it "
+                        "(golden-section search; about 10 model evaluations per step). Stored, and written as "
+                        "text for the DC-Solver sampler's widget.",
+            inputs=_calibrate_inputs([io.Combo.Input(
+                "solver", options=["unipc", "dpmpp"], default="unipc",
+                tooltip="UniPC (bh2, order 2, with corrector: the paper's) or DPM-Solver++ 2M (predictor only).")]),
+            outputs=[io.String.Output(tooltip="The calibration: paste it into the DC-Solver sampler node.")])
+
+    @classmethod
+    def execute(cls, model, positive, negative, latent_image, cfg, scheduler, steps, samples, seed, solver,
+                sigmas=None) -> io.NodeOutput:
+        return io.NodeOutput(_calibrate("dc_solver", model, positive, negative, latent_image, cfg, scheduler, steps,
+                                        samples, seed, sigmas, {"solver": solver}, REFINE + 12))
+
+
+class StrideCalibrateIIA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="StrideCalibrateIIA", display_name="Calibrate IIA (Stride)", category=CATEGORY,
+            description="IIA's per-step coefficients fitted on your model by least squares, step by step along "
+                        "the corrected run, against the reference trajectory (or the paper's local fine-step "
+                        "target). Stored, and written as text for the IIA sampler's widget.",
+            inputs=_calibrate_inputs([
+                io.Combo.Input("base", options=list(iia.BASES), default="dpmpp_2m",
+                               tooltip="The solver IIA corrects: DDIM (= Euler), DPM-Solver++ 2M, or Heun (2 calls "
+                                       "per step)."),
+                io.Combo.Input("target", options=["reference", "fine"], default="reference",
+                               tooltip="(expert) What each step is fitted to: the reference trajectory at the step's "
+                                       "end (default: the corrections then steer the run back onto it), or the "
+                                       "paper's local target, the base solver on 8 finer steps from the step's start "
+                                       "(8 more model evaluations per step; it can raise the final error).")]),
+            outputs=[io.String.Output(tooltip="The calibration: paste it into the IIA sampler node.")])
+
+    @classmethod
+    def execute(cls, model, positive, negative, latent_image, cfg, scheduler, steps, samples, seed, base, target,
+                sigmas=None) -> io.NodeOutput:
+        return io.NodeOutput(_calibrate("iia", model, positive, negative, latent_image, cfg, scheduler, steps,
+                                        samples, seed, sigmas, {"base": base, "target": target},
+                                        REFINE + (18 if target == "fine" else 2)))
+
+
+def _sampler_node(node_id, method, display, description):
+    class Node(io.ComfyNode):
+        @classmethod
+        def define_schema(cls):
+            return io.Schema(
+                node_id=node_id, display_name=display, category="sampling/stride/samplers", description=description,
+                inputs=[io.String.Input("calibration", multiline=True, default="",
+                                        tooltip="The text of the calibrate node (connect it, or paste it: a shared "
+                                                "workflow then needs no recalibration).")],
+                outputs=[io.Sampler.Output()])
+
+        @classmethod
+        def execute(cls, calibration) -> io.NodeOutput:
+            data = parse_calibration(calibration, method)
+            return io.NodeOutput(sampler_object(calibrated_sampler(method, data), method, {}))
+    Node.__name__ = node_id
+    return Node
+
+
+StrideSamplerDCSolver = _sampler_node(
+    "StrideSamplerDCSolver", "dc_solver", "DC-Solver sampler (Stride)",
+    "UniPC (or DPM-Solver++ 2M) with DC-Solver's dynamic compensation, from a calibration of this model, schedule "
+    "and cfg. Refuses, with a clear error, a calibration of another model or schedule.")
+StrideSamplerIIA = _sampler_node(
+    "StrideSamplerIIA", "iia", "IIA sampler (Stride)",
+    "DDIM, DPM-Solver++ 2M or Heun with IIA's fitted per-step corrections, from a calibration of this model, "
+    "schedule and cfg. Refuses, with a clear error, a calibration of another model or schedule.")
+
+NODES = [StrideCalibrateDCSolver, StrideCalibrateIIA, StrideSamplerDCSolver, StrideSamplerIIA]
