@@ -100,6 +100,7 @@ def fine_sigmas(s, t, sub_steps, sigma_min):
     n = sub_steps if t != 0 else max(sub_steps - 1, 1)
     fine = torch.exp(torch.linspace(torch.log(torch.as_tensor(float(s))), torch.log(torch.as_tensor(end)), n + 1,
                                     dtype=torch.float64))
+    fine[0], fine[-1] = float(s), end  # the step's own sigmas, exactly
     return torch.cat([fine, fine.new_zeros(1)]) if t == 0 else fine
 
 
