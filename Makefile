@@ -24,6 +24,10 @@ bench: setup  # the full sampler benchmark, one model family per run, then the m
 		$(PY) -m bench.solvers --models $$models --json bench/out/solvers_$${models%%_*}.json || exit 1; done
 	$(PY) -m bench.solvers --tables-from bench/out/solvers_oracle.json,bench/out/solvers_dit.json,bench/out/solvers_unet.json
 
+bench-schedules: setup  # schedule optimizers vs ComfyUI's schedulers and the AYS/GITS tables (docs/bench_schedules.md)
+	mkdir -p bench/out
+	$(PY) -m bench.schedules --json bench/out/schedules.json
+
 setup: $(STAMP) $(COMFY)/main.py
 
 $(PY):

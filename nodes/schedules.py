@@ -34,7 +34,7 @@ def jump_of(sampler):
     in -log sigma on flow models; Stride's in the half-log-SNR."""
     stride = sampler.startswith("stride_")
     if "unipc" in sampler or "uni_pc" in sampler:
-        return "unipc", stride
+        return ("unipc" if sampler.endswith("bh2") or "dualfast" in sampler else "unipc_bh1"), stride
     if "dpmpp_2m" in sampler and "sde" not in sampler:
         return "dpmpp_2m", stride
     if sampler not in ("euler", "ddim", "stride_ddim_dualfast"):
@@ -42,9 +42,12 @@ def jump_of(sampler):
     return "euler", stride
 
 
+DIFFERENTIABLE = (multistep.sample_ddim, multistep.sample_dpmpp, multistep.sample_unipc)
+
+
 def student_of(sampler, param):
     """(differentiable Stride twin of the named sampler, its options) for LD3."""
-    if sampler in KSAMPLERS:
+    if sampler in KSAMPLERS and KSAMPLERS[sampler][0] in DIFFERENTIABLE:
         fn, options = KSAMPLERS[sampler]
         return fn, {**options, "param": param}
     ve = VE  # ComfyUI's dpmpp_2m / uni_pc step in -log sigma on every model
@@ -54,7 +57,8 @@ def student_of(sampler, param):
         return multistep.sample_unipc, {"order": 3, "variant": "bh2" if sampler.endswith("bh2") else "bh1",
                                         "param": ve}
     if sampler not in ("euler", "ddim"):
-        logging.info("Stride LD3: %s has no differentiable twin; its times are learned with Euler steps", sampler)
+        logging.info("Stride LD3: %s has no differentiable twin; its times are learned with DDIM (Euler) steps",
+                     sampler)
     return multistep.sample_ddim, {"param": param}
 
 

@@ -4,8 +4,8 @@ BOSS, Nguyen et al. 2024): the cost of every one-step jump between grid points, 
 Jumps follow the solver the user runs, from the teacher's own states and denoiser outputs (no extra model
 evaluations): 'euler' (= DDIM, first order), 'dpmpp_2m' (DPM-Solver++ 2M: its second point is the previous
 node of the path, so costs are indexed by (previous, current, next) and the path search runs over pairs), and
-'unipc' (the 2M-type UniP-2 predictor and the UniC corrector, which uses the model output at the target: the
-teacher's there).
+'unipc' / 'unipc_bh1' (UniPC bh2 / bh1: the 2M-type UniP-2 predictor and the UniC corrector, which uses the
+model output at the target: the teacher's there).
 """
 import torch
 
@@ -13,7 +13,7 @@ from ..core import VE, History, per_sample
 from ..multistep import dpmpp_update, unipc_update
 from .common import mse, param_of
 
-JUMPS = ("euler", "dpmpp_2m", "unipc")
+JUMPS = ("euler", "dpmpp_2m", "unipc", "unipc_bh1")
 
 
 def _jump(kind, param, x_c, d_c, s, t, prev=None, d_target=None):
@@ -27,10 +27,10 @@ def _jump(kind, param, x_c, d_c, s, t, prev=None, d_target=None):
     order = 2 if prev is not None and kind != "euler" else 1
     final = t == 0
     t = torch.where(final, s * 0.5, t)  # placeholder sigma on the final rows (their result is D_c)
-    if kind != "unipc":
+    if not kind.startswith("unipc"):
         out = dpmpp_update(param, x_c, s, t, hist, order, d_c)
     else:
-        out = unipc_update(param, x_c, s, t, hist, order, d_c, "bh2", d_target)
+        out = unipc_update(param, x_c, s, t, hist, order, d_c, "bh1" if kind == "unipc_bh1" else "bh2", d_target)
     return torch.where(final.view(-1, *[1] * (out.ndim - 1)), d_c, out)
 
 
