@@ -3,15 +3,18 @@ SAMPLER nodes (from a calibration or its text pasted into the workflow) and by `
 find a stored calibration for the model they run on."""
 import json
 import logging
+import math
+import os
 
 import torch
 
 import comfy.samplers
 from comfy_api.latest import io
 
-from ..samplers.calibrated import dc_solver, iia
+from ..samplers.calibrated import dc_solver, dpm_solver_v3, iia
 from ..samplers.calibrated.memo import Memo
 from ..samplers.core import check_sigmas
+from ..samplers.schedules.ays import ve_denoiser
 from ..samplers.schedules.common import mse, teacher_trajectory
 from . import calibration_store as store
 from .calibration import calibrate, conditioning_digest
@@ -20,7 +23,9 @@ from .sampler_bridge import model_param, sampler_object
 CATEGORY = "sampling/stride/calibration"
 TEXT_VERSION = 1
 REFINE = 8  # the reference trajectory: Stride's UniPC-3 with this many steps per step of the schedule
-METHODS = {"dc_solver": "DC-Solver", "iia": "IIA"}
+METHODS = {"dc_solver": "DC-Solver", "iia": "IIA", "dpm_solver_v3": "DPM-Solver-v3"}
+EMS_POINTS = 40     # DPM-Solver-v3: lambda grid of the statistics
+TEACHER_POINTS = 24  # model samples for the statistics: a UniPC-3 solve on this many points
 
 
 def calibration_text(method, fp, sigmas, cfg, options, values):
@@ -45,7 +50,10 @@ def parse_calibration(text, method):
 
 
 def match(calibration, sigmas, method):
-    """None if the calibration fits this schedule, else why not."""
+    """None if the calibration fits this schedule, else why not (DPM-Solver-v3's statistics fit any schedule
+    inside their lambda range, which its sampler checks)."""
+    if method == "dpm_solver_v3":
+        return None
     want = torch.tensor(calibration["sigmas"], dtype=torch.float64)
     got = torch.as_tensor(sigmas, dtype=torch.float64).cpu()
     if len(want) != len(got):
@@ -55,9 +63,9 @@ def match(calibration, sigmas, method):
     return None
 
 
-def calibrated_sampler(method, calibration, fallback_reason=None):
+def calibrated_sampler(method, calibration, options=None):
     """The k-diffusion sampler function of a calibration: checks the model and the schedule at run time, and
-    refuses another model with a clear error."""
+    refuses another model with a clear error. options: sampling options (DPM-Solver-v3's order, corrector)."""
     def sample(model, x, sigmas, extra_args=None, callback=None, disable=None):
         fp = store.fingerprint(model.inner_model.model_patcher)
         if calibration["model"] != fp["id"]:
@@ -66,12 +74,32 @@ def calibrated_sampler(method, calibration, fallback_reason=None):
         why = match(calibration, sigmas, method)
         if why:
             raise ValueError(f"Stride {METHODS[method]}: the calibration does not fit this run: {why}")
-        return run_calibrated(method, calibration, model, x, sigmas, extra_args, callback, disable)
+        return run_calibrated(method, calibration, model, x, sigmas, extra_args, callback, disable, options)
     return sample
 
 
-def run_calibrated(method, calibration, model, x, sigmas, extra_args, callback, disable):
+def ems_of(calibration):
+    """DPM-Solver-v3's statistics: from the text (per channel) or from the store (per element)."""
+    values = calibration["values"]
+    if values is None:
+        name = calibration["options"]["file"]
+        path = next((p for p in store.paths("dpm_solver_v3") if p.endswith(name)), None)
+        if path is None:
+            raise ValueError(f"Stride DPM-Solver-v3: per-element statistics live in the calibration store ({name}), "
+                             "which is not on this machine: copy the file into models/stride_calibrations, or "
+                             "calibrate with per-channel statistics, which travel in the workflow text")
+        values = {k: v for k, v in store.read(path)[0].items()}
+    t = {k: torch.as_tensor(values[k], dtype=torch.float64) for k in ("lambdas", "l", "s", "b")}
+    return dpm_solver_v3.EMS(t["lambdas"], t["l"], t["s"], t["b"])
+
+
+def run_calibrated(method, calibration, model, x, sigmas, extra_args, callback, disable, overrides=None):
     options, param = calibration["options"], model_param(model)
+    if method == "dpm_solver_v3":
+        overrides = overrides or {}
+        return dpm_solver_v3.sample_dpm_solver_v3(model, x, sigmas, extra_args, callback, disable, param,
+                                                  ems=ems_of(calibration), order=overrides.get("order", 2),
+                                                  corrector=overrides.get("corrector", "on"))
     if method == "dc_solver":
         return dc_solver.sample_dc(model, x, sigmas, extra_args, callback, disable, param,
                                    ratios=calibration["values"], solver=options["solver"])
@@ -83,6 +111,8 @@ def fit(method, ctx, sigmas, options):
     """Search DC-Solver's ratios or fit IIA's coefficients on the calibration batch (pure math in samplers/)."""
     sigmas = sigmas.to(torch.float64)
     memo = Memo(ctx.denoiser)
+    if method == "dpm_solver_v3":
+        return fit_ems(ctx, sigmas, options)
     if method == "dc_solver":
         reference, _ = teacher_trajectory(ctx.denoiser, ctx.x, sigmas[:-1], ctx.param.flow, REFINE)
         values = dc_solver.search_ratios(memo, ctx.x, sigmas, reference, ctx.param, solver=options["solver"])
@@ -99,11 +129,33 @@ def fit(method, ctx, sigmas, options):
     return values, errors
 
 
+def fit_ems(ctx, sigmas, options):
+    """DPM-Solver-v3's statistics from samples of the model (a UniPC-3 teacher at the user's cfg), on a lambda
+    grid over the model's range (VE-ised: finite at a flow model's sigma = 1 cap); the error report on `sigmas`."""
+    flow = ctx.param.flow
+    grid = torch.exp(torch.linspace(math.log(ctx.sigma_max if not flow else ctx.param.sigma_cap),
+                                    math.log(ctx.sigma_min), TEACHER_POINTS, dtype=torch.float64))
+    x0 = teacher_trajectory(ctx.denoiser, ctx.x, grid, flow)[0][-1]
+    to_lam = lambda s_: -math.log(s_ / (1 - s_)) if flow else -math.log(s_)
+    top = min(ctx.sigma_max, ctx.param.sigma_cap) if flow else ctx.sigma_max
+    lambdas = torch.linspace(to_lam(top), to_lam(ctx.sigma_min), EMS_POINTS, dtype=torch.float64)
+    ems = dpm_solver_v3.estimate_ems(ve_denoiser(ctx.denoiser, flow), x0, lambdas,
+                                     per_channel=options["statistics"] == "per_channel")
+    reference = teacher_trajectory(ctx.denoiser, ctx.x, sigmas[:-1], flow, REFINE)[0]
+    run = lambda e: dpm_solver_v3.sample_dpm_solver_v3(ctx.denoiser, ctx.x, sigmas, param=ctx.param, ems=e)
+    errors = {"error": float(mse(run(ems), reference[-1]).mean()),
+              "base_error": float(mse(run(dpm_solver_v3.EMS.degenerate(lambdas, ems.l.shape[1:])),
+                                      reference[-1]).mean())}
+    values = {"lambdas": lambdas, "l": ems.l, "s": ems.s, "b": ems.b}
+    return values, errors
+
+
 def find_stored(method, model_patcher, sigmas, cfg):
-    """(calibration dict, None) of a stored calibration for this model and schedule, or (None, why not)."""
+    """(calibration dict, None) of the newest stored calibration for this model, schedule and cfg, or
+    (None, why not)."""
     fp = store.fingerprint(model_patcher)
     reasons = []
-    for path in store.paths(method):
+    for path in sorted(store.paths(method), key=os.path.getmtime, reverse=True):  # the newest first
         try:
             _, meta = store.read(path)
         except Exception as e:  # damaged files are reported, never fatal
@@ -143,12 +195,14 @@ def ksampler_function(method, fallback):
 def _fallbacks():
     from ..samplers import multistep
     return {"dc_solver": lambda *a: multistep.sample_unipc(*a, param=model_param(a[0]), order=2, variant="bh2"),
-            "iia": lambda *a: multistep.sample_dpmpp(*a, param=model_param(a[0]), order=2)}
+            "iia": lambda *a: multistep.sample_dpmpp(*a, param=model_param(a[0]), order=2),
+            "dpm_solver_v3": lambda *a: multistep.sample_unipc(*a, param=model_param(a[0]), order=2, variant="bh2")}
 
 
 # `stride_*` KSampler names that use a stored calibration for the model they run on (never rename one)
 KSAMPLERS = {"stride_dc_solver": (ksampler_function("dc_solver", _fallbacks()["dc_solver"]), {}),
-             "stride_iia_dpmpp_2m": (ksampler_function("iia", _fallbacks()["iia"]), {})}
+             "stride_iia_dpmpp_2m": (ksampler_function("iia", _fallbacks()["iia"]), {}),
+             "stride_dpm_solver_v3": (ksampler_function("dpm_solver_v3", _fallbacks()["dpm_solver_v3"]), {})}
 
 
 def _calibrate_inputs(extra):
@@ -185,14 +239,20 @@ def _calibrate(method, model, positive, negative, latent_image, cfg, scheduler, 
     if found is not None:
         logging.info("Stride %s: reused %s (no model run)", METHODS[method], found[2])
         return found[1]["info"]["text"]
-    estimate = 1 + (len(sigmas) - 1) * cost_per_step
+    estimate = 1 + cost_per_step * (len(sigmas) - 1 if method != "dpm_solver_v3" else 1)
     (values, errors), calls, seconds = calibrate(model, positive, negative, latent_image, cfg, seed, samples,
                                                  estimate, METHODS[method], lambda ctx: fit(method, ctx, sigmas, options),
                                                  capped=False)
+    tensors = {"sigmas": sigmas.float()}
+    if method == "dpm_solver_v3":  # the statistics: in the store, and in the text when small (per channel)
+        tensors.update(values)
+        per_element = options["statistics"] == "per_element"
+        options = {**options, "file": store.file_name(method, settings, fp)} if per_element else options
+        values = None if per_element else {k: v.tolist() for k, v in values.items()}
     text = calibration_text(method, fp, sigmas, cfg, options, values)
     info = {**errors, "evaluations": round(calls, 2), "seconds": round(seconds, 2),
             "calibration": json.loads(text), "text": text}
-    store.save(method, settings, fp, {"sigmas": sigmas.float()}, info)
+    store.save(method, settings, fp, tensors, info)
     logging.info("Stride %s: %d model evaluations, %.1f s; error against the reference %.4g (uncalibrated %.4g)",
                  METHODS[method], calls, seconds, errors["error"], errors["base_error"])
     return text
@@ -246,7 +306,38 @@ class StrideCalibrateIIA(io.ComfyNode):
                                         REFINE + (18 if target == "fine" else 2)))
 
 
-def _sampler_node(node_id, method, display, description):
+class StrideCalibrateDPMSolverV3(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="StrideCalibrateDPMSolverV3", display_name="Calibrate DPM-Solver-v3 (Stride)", category=CATEGORY,
+            description="DPM-Solver-v3's empirical model statistics (l, s, b on 40 half-log-SNR points) measured on "
+                        "samples of your model at your cfg: l by finite-difference Jacobian probes, s and b by "
+                        "regression along the ODE. About 200 model evaluations of the batch, schedule-free. "
+                        "Per channel (default): resolution-independent and small enough to travel in the workflow "
+                        "text. Per element: statistics for this latent size only, kept in the calibration store.",
+            inputs=_calibrate_inputs([io.Combo.Input(
+                "statistics", options=["per_channel", "per_element"], default="per_channel",
+                tooltip="Share the statistics over spatial positions (per channel) or keep one per latent element "
+                        "(shrunk toward the per-channel ones: a few samples cannot pin them down).")]),
+            outputs=[io.String.Output(tooltip="The calibration: paste it into the DPM-Solver-v3 sampler node.")])
+
+    @classmethod
+    def execute(cls, model, positive, negative, latent_image, cfg, scheduler, steps, samples, seed, statistics,
+                sigmas=None) -> io.NodeOutput:
+        return io.NodeOutput(_calibrate("dpm_solver_v3", model, positive, negative, latent_image, cfg, scheduler,
+                                        steps, samples, seed, sigmas, {"statistics": statistics},
+                                        TEACHER_POINTS + 5 * EMS_POINTS + REFINE * steps))
+
+
+V3_INPUTS = [io.Int.Input("order", default=2, min=1, max=3, tooltip="Predictor order: 2 with guidance (the paper's "
+                                                                   "choice), 3 without."),
+             io.Combo.Input("corrector", options=["on", "off", "high_noise"], default="on",
+                            tooltip="The pseudo-corrector (no extra model call): on, off, or only where the noise "
+                                    "exceeds the signal (the official code's setting for large guidance).")]
+
+
+def _sampler_node(node_id, method, display, description, extra=()):
     class Node(io.ComfyNode):
         @classmethod
         def define_schema(cls):
@@ -254,13 +345,13 @@ def _sampler_node(node_id, method, display, description):
                 node_id=node_id, display_name=display, category="sampling/stride/samplers", description=description,
                 inputs=[io.String.Input("calibration", multiline=True, default="",
                                         tooltip="The text of the calibrate node (connect it, or paste it: a shared "
-                                                "workflow then needs no recalibration).")],
+                                                "workflow then needs no recalibration).")] + list(extra),
                 outputs=[io.Sampler.Output()])
 
         @classmethod
-        def execute(cls, calibration) -> io.NodeOutput:
+        def execute(cls, calibration, **options) -> io.NodeOutput:
             data = parse_calibration(calibration, method)
-            return io.NodeOutput(sampler_object(calibrated_sampler(method, data), method, {}))
+            return io.NodeOutput(sampler_object(calibrated_sampler(method, data, options), method, {}))
     Node.__name__ = node_id
     return Node
 
@@ -274,4 +365,10 @@ StrideSamplerIIA = _sampler_node(
     "DDIM, DPM-Solver++ 2M or Heun with IIA's fitted per-step corrections, from a calibration of this model, "
     "schedule and cfg. Refuses, with a clear error, a calibration of another model or schedule.")
 
-NODES = [StrideCalibrateDCSolver, StrideCalibrateIIA, StrideSamplerDCSolver, StrideSamplerIIA]
+StrideSamplerDPMSolverV3 = _sampler_node(
+    "StrideSamplerDPMSolverV3", "dpm_solver_v3", "DPM-Solver-v3 sampler (Stride)",
+    "DPM-Solver-v3 multistep with the pseudo-corrector, from your model's statistics (any schedule inside their "
+    "range, any step count). Refuses, with a clear error, statistics of another model.", V3_INPUTS)
+
+NODES = [StrideCalibrateDCSolver, StrideCalibrateIIA, StrideCalibrateDPMSolverV3, StrideSamplerDCSolver,
+         StrideSamplerIIA, StrideSamplerDPMSolverV3]

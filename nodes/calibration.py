@@ -69,9 +69,15 @@ def calibrate(model, positive, negative, latent, cfg, seed, samples, budget, lab
         extra_args = extra_args or {}
         dtype = x.dtype
 
+        batch = x.shape[0]
+
         def guided(x_, s_, **kwargs):
-            return model_k(x_.to(dtype), s_.to(dtype), **(kwargs or extra_args)).to(x_.dtype)
-        counted = Counted(guided, x.shape[0], budget if capped else None, progress)
+            # ComfyUI repeats each conditioning to the batch it is given: a stack of m calibration batches is
+            # evaluated batch by batch, so row r keeps the conditioning of calibration sample r % batch.
+            chunks = zip(x_.split(batch), s_.split(batch)) if len(x_) % batch == 0 else [(x_, s_)]
+            return torch.cat([model_k(xc.to(dtype), sc.to(dtype), **(kwargs or extra_args)) for xc, sc in chunks]
+                             ).to(x_.dtype)
+        counted = Counted(guided, batch, budget if capped else None, progress)
         counted.inner_model = model_k.inner_model  # Stride samplers read the model's parameterization here
         start = time.perf_counter()
         counted(x, sigmas[:1].expand(x.shape[0]))  # one timed evaluation: the cost estimate

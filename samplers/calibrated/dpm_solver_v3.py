@@ -147,7 +147,7 @@ def sample_dpm_solver_v3(model, x, sigmas, extra_args=None, callback=None, disab
     return (xb * float(alpha[-1])).to(x.dtype)
 
 
-SHRINK = 32  # per-element statistics from K samples are blended with the per-channel ones by K / (K + SHRINK)
+SHRINK = 256  # per-element statistics from K samples are blended with the per-channel ones by K / (K + SHRINK)
 
 
 def estimate_ems(denoiser, x0, lambdas, per_channel=True, probes=1, seed=0):
@@ -158,7 +158,8 @@ def estimate_ems(denoiser, x0, lambdas, per_channel=True, probes=1, seed=0):
     f = sigma eps_hat - l x along the ODE (dx/dlambda = D - x), by central differences with l interpolated on the
     grid; then s = Cov(f, f') / Var(f) and b = E f' - s E f, over the samples and spatial positions (per channel)
     or over the samples alone (per element; K samples cannot pin D-dimensional statistics down, so they are
-    shrunk toward the per-channel ones by K / (K + 32)). Costs (2 probes + 3) evaluations of the batch per point."""
+    shrunk toward the per-channel ones by K / (K + 256): the paper used K = 1024). Costs (2 probes + 3)
+    evaluations of the batch per grid point."""
     gen = torch.Generator().manual_seed(seed)
     x0 = x0.double()
     lambdas = torch.as_tensor(lambdas, dtype=torch.float64)
