@@ -28,6 +28,7 @@ def m(stride):
         dc = stride("samplers.calibrated.dc_solver")
         iia = stride("samplers.calibrated.iia")
         Memo = stride("samplers.calibrated.memo").Memo
+        ays = stride("samplers.schedules.ays")
         mixture = stride("nodes.oracle_model").load_mixture()
     return Modules
 
@@ -288,3 +289,108 @@ def test_calibration_on_the_trained_unet_takes_seconds(node_class, store):
                                                              solver="unipc").result[0]
     info = json.loads(text)
     assert info["model"] and len(info["values"]) == 6
+
+
+# --- DPM-Solver-v3 --------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def v3(stride):
+    return stride("samplers.calibrated.dpm_solver_v3")
+
+
+def lam_grid(flow, n=40):
+    smin, smax = RANGES[flow]
+    top = 1 - 1e-4 if flow else smax
+    to_lam = (lambda s: -math.log(s / (1 - s))) if flow else (lambda s: -math.log(s))
+    return torch.linspace(to_lam(top), to_lam(smin), n, dtype=torch.float64)
+
+
+def test_v3_with_degenerate_statistics_is_dpm_solver_pp(m, v3):
+    """l = 1, s = b = 0: order 1 is DDIM, order 2 (no corrector) the full-Taylor DPM-Solver++ 2M step
+    x_t = e^-h x + (1 - e^-h) D + (h - 1 + e^-h) D', D' the divided difference in lambda."""
+    d, x, sigmas = oracle(m, False), start(False, 0), schedule(m, False, 5)
+    ems = v3.EMS.degenerate(lam_grid(False), (4, 1, 1))
+    first = v3.sample_dpm_solver_v3(d, x, sigmas, ems=ems, order=1, corrector="off")
+    torch.testing.assert_close(first, m.multistep.sample_ddim(d, x, sigmas), rtol=1e-6, atol=1e-6)
+    xs, prev = x, None
+    for i in range(len(sigmas) - 1):
+        s, t = sigmas[i], sigmas[i + 1]
+        den = d(xs, s)
+        if t == 0:
+            xs = den
+            break
+        h = math.log(s / t)
+        slope = torch.zeros_like(den) if prev is None else (den - prev[0]) / (-math.log(s) + math.log(prev[1]))
+        xs = math.exp(-h) * xs + (1 - math.exp(-h)) * den + (h - 1 + math.exp(-h)) * slope
+        prev = (den, s)
+    torch.testing.assert_close(v3.sample_dpm_solver_v3(d, x, sigmas, ems=ems, order=2, corrector="off"), xs,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_v3_statistics_of_a_gaussian_are_exact_and_its_steps_too(m, v3):
+    """Data N(mu, c^2) per channel: D = mu + c^2/(c^2 + sigma^2)(x - mu), so l = sigma^2 / (c^2 + sigma^2) exactly,
+    f = -l mu depends on lambda only, and the v3 step with the estimated statistics follows the ODE: 3 steps
+    land where the exact solution does, while DPM-Solver++ 2M does not."""
+    mu = torch.tensor([0.5, -1.0, 2.0, 0.0], dtype=torch.float64).view(1, 4, 1, 1)
+    c2 = torch.tensor([0.3, 1.0, 0.1, 2.0], dtype=torch.float64).view(1, 4, 1, 1) ** 2
+    gauss = lambda x, s: mu + c2 / (c2 + m.core.bcast(s, x) ** 2) * (x - mu)
+    lambdas = lam_grid(False)
+    x0 = mu + c2.sqrt() * torch.randn(16, 4, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ems = v3.estimate_ems(gauss, x0, lambdas)
+    sig = torch.exp(-lambdas).view(-1, 1, 1, 1)
+    torch.testing.assert_close(ems.l, (sig ** 2 / (c2[0] + sig ** 2)), rtol=1e-3, atol=1e-4)
+    sigmas, x = schedule(m, False, 3), start(False, 1, 16)
+    ratio = torch.sqrt((c2 + sigmas[-2] ** 2) / (c2 + sigmas[0] ** 2))  # the ODE scales x - mu by this ratio
+    exact = gauss(mu + (x - mu) * ratio, sigmas[-2].expand(16))  # then the final denoise at the last sigma
+    v3_err = err(m, v3.sample_dpm_solver_v3(gauss, x, sigmas, ems=ems), exact)
+    pp_err = err(m, m.multistep.sample_dpmpp(gauss, x, sigmas, order=2), exact)
+    assert v3_err < 1e-3 * pp_err
+
+
+@pytest.mark.parametrize("flow,steps", [(False, 5), (False, 6), (True, 8)])
+def test_v3_beats_unipc_on_the_oracle(m, v3, flow, steps):
+    """Per-channel statistics from 8 model samples, measured on 8 other noises at cfg 3."""
+    d, p = oracle(m, flow), m.core.FLOW if flow else m.core.VE
+    x, x_test = start(flow, 0), start(flow, 1)
+    x0 = reference(m, d, x, schedule(m, flow, 24), flow)[-1]
+    ems = v3.estimate_ems(m.ays.ve_denoiser(d, flow), x0, lam_grid(flow))
+    sigmas = schedule(m, flow, steps)
+    held = reference(m, d, x_test, sigmas, flow)[-1]
+    unipc = err(m, m.multistep.sample_unipc(d, x_test, sigmas, param=p, order=2, variant="bh2"), held)
+    assert err(m, v3.sample_dpm_solver_v3(d, x_test, sigmas, param=p, ems=ems), held) < 0.95 * unipc
+
+
+def test_v3_refuses_what_it_cannot_do(m, v3):
+    d, x = oracle(m, False), start(False, 0)
+    narrow = v3.EMS.degenerate(torch.linspace(-1.0, 2.0, 10, dtype=torch.float64), (4, 1, 1))
+    with pytest.raises(ValueError, match="outside the calibrated range"):
+        v3.sample_dpm_solver_v3(d, x, schedule(m, False, 5), ems=narrow)
+    with pytest.raises(ValueError, match="no model statistics"):
+        v3.sample_dpm_solver_v3(d, x, schedule(m, False, 5))
+    with pytest.raises(ValueError, match="corrector must be"):
+        v3.sample_dpm_solver_v3(d, x, schedule(m, False, 5), ems=narrow, corrector="maybe")
+
+
+@pytest.mark.parametrize("statistics", ["per_channel", "per_element"])
+def test_v3_nodes_widget_store_and_ksampler_name(node_class, store, caplog, statistics):
+    model, pos, neg, latent = demo(node_class, "oracle_eps")
+    with torch.inference_mode():
+        text = node_class("StrideCalibrateDPMSolverV3").execute(model, pos, neg, latent, 3.0, "karras", 6, 4, 0,
+                                                                statistics=statistics).result[0]
+    data = json.loads(text)
+    assert (data["values"] is None) == (statistics == "per_element")  # per element: too big for the text
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "exponential", 7)
+    sampler = node_class("StrideSamplerDPMSolverV3").execute(text, order=2, corrector="on").result[0]
+    out = sample(model, pos, neg, latent, sampler, sigmas)  # statistics fit any schedule in their range
+    assert torch.isfinite(out).all()
+    with caplog.at_level(logging.INFO):
+        assert torch.equal(sample(model, pos, neg, latent, comfy.samplers.sampler_object("stride_dpm_solver_v3"),
+                                  sigmas), out)
+    assert any("using the stored calibration" in r.getMessage() for r in caplog.records)
+    for f in store.glob("*.safetensors"):
+        f.unlink()
+    if statistics == "per_channel":  # the text alone carries them to another machine
+        assert torch.equal(sample(model, pos, neg, latent, sampler, sigmas), out)
+    else:
+        with pytest.raises(ValueError, match="live in the calibration store"):
+            sample(model, pos, neg, latent, sampler, sigmas)

@@ -20,13 +20,20 @@ import torch
 
 from ..core import VE, bcast
 
-SUB_GRID = 33  # points of the trapezoid rule between a step's ends
+SUB_GRID = 33  # points (odd) of the quadrature between a step's ends
 
 
 def cumtrapz(y, lam):
     """Cumulative trapezoid integral of y [N, ...] over lam [N] (0 at lam[0])."""
     dl = torch.diff(lam).reshape(-1, *[1] * (y.ndim - 1))
     return torch.cat([torch.zeros_like(y[:1]), torch.cumsum(dl * (y[1:] + y[:-1]) / 2, 0)])
+
+
+def simpson(y, r):
+    """Composite Simpson integral of y [M, ...] over the uniform grid r [M] (M odd)."""
+    w = torch.ones(len(r), dtype=torch.float64)
+    w[1:-1:2], w[2:-1:2] = 4.0, 2.0
+    return (w.reshape(-1, *[1] * (y.ndim - 1)) * y).sum(0) * (r[1] - r[0]) / 3
 
 
 class EMS:
@@ -65,7 +72,7 @@ def _step_integrals(ems, lam_s, lam_t, order):
     big_l, big_s = cumtrapz(l, r), cumtrapz(s, r)
     e = torch.exp(big_l + big_s)
     big_b = cumtrapz(torch.exp(-big_s) * b, r)
-    integral = lambda y: cumtrapz(y, r)[-1]
+    integral = lambda y: simpson(y, r)
     du = (r - lam_s).reshape(-1, *[1] * (l.ndim - 1))
     ek = [integral(e * du ** k / math.factorial(k)) for k in range(order)]
     return torch.exp(-big_l[-1]), ek, integral(e * big_b)
