@@ -49,11 +49,17 @@ def parse_calibration(text, method):
     return data
 
 
-def match(calibration, sigmas, method):
+def match(calibration, sigmas, method, model_sampling):
     """None if the calibration fits this schedule, else why not (DPM-Solver-v3's statistics fit any schedule
-    inside their lambda range, which its sampler checks)."""
+    inside their lambda range, which its sampler checks; a CPR fit, its scheduler at any step count)."""
     if method == "dpm_solver_v3":
         return None
+    scheduler = calibration["options"].get("cpr")
+    if scheduler:
+        want = comfy.samplers.calculate_sigmas(model_sampling, scheduler, len(sigmas) - 1).double()
+        if torch.allclose(want, torch.as_tensor(sigmas, dtype=torch.float64).cpu(), rtol=1e-4, atol=1e-6):
+            return None
+        return f"its CPR fit is for the {scheduler} scheduler (full denoise)"
     want = torch.tensor(calibration["sigmas"], dtype=torch.float64)
     got = torch.as_tensor(sigmas, dtype=torch.float64).cpu()
     if len(want) != len(got):
@@ -71,11 +77,15 @@ def calibrated_sampler(method, calibration, options=None):
         if calibration["model"] != fp["id"]:
             raise ValueError(f"Stride {METHODS[method]}: this calibration was made for another model "
                              f"({calibration['model']}, this one is {fp['id']}); calibrate this model instead")
-        why = match(calibration, sigmas, method)
+        why = match(calibration, sigmas, method, model_sampling_of(model))
         if why:
             raise ValueError(f"Stride {METHODS[method]}: the calibration does not fit this run: {why}")
         return run_calibrated(method, calibration, model, x, sigmas, extra_args, callback, disable, options)
     return sample
+
+
+def model_sampling_of(model):
+    return model.inner_model.model_patcher.get_model_object("model_sampling")
 
 
 def ems_of(calibration):
@@ -101,8 +111,14 @@ def run_calibrated(method, calibration, model, x, sigmas, extra_args, callback, 
                                                   ems=ems_of(calibration), order=overrides.get("order", 2),
                                                   corrector=overrides.get("corrector", "on"))
     if method == "dc_solver":
-        return dc_solver.sample_dc(model, x, sigmas, extra_args, callback, disable, param,
-                                   ratios=calibration["values"], solver=options["solver"])
+        ratios = calibration["values"]
+        if options.get("cpr"):  # ratios predicted for this run's NFE and cfg
+            cfg = float(getattr(model.inner_model, "cfg", 1.0))
+            ratios = dc_solver.cpr_ratios(torch.tensor(ratios, dtype=torch.float64), len(sigmas) - 1, cfg)
+            logging.info("Stride DC-Solver: CPR ratios for %d steps at cfg %g: %s", len(sigmas) - 1, cfg,
+                         [round(r, 3) for r in ratios])
+        return dc_solver.sample_dc(model, x, sigmas, extra_args, callback, disable, param, ratios=ratios,
+                                   solver=options["solver"])
     return iia.sample_iia(model, x, sigmas, extra_args, callback, disable, param, base=options["base"],
                           gammas=calibration["values"])
 
@@ -166,8 +182,9 @@ def find_stored(method, model_patcher, sigmas, cfg):
             continue
         if store.mismatch(meta.get("fingerprint", {}), fp):
             continue
-        why = match(calibration, sigmas, method) or (None if abs(calibration["cfg"] - cfg) < 1e-6 else
-                                                     f"it was made at cfg {calibration['cfg']}, this run uses {cfg}")
+        why = match(calibration, sigmas, method, model_patcher.get_model_object("model_sampling"))
+        if why is None and calibration["cfg"] is not None and abs(calibration["cfg"] - cfg) > 1e-6:
+            why = f"it was made at cfg {calibration['cfg']}, this run uses {cfg}"
         if why is None:
             return calibration, None
         reasons.append(why)
@@ -279,6 +296,56 @@ class StrideCalibrateDCSolver(io.ComfyNode):
                                         samples, seed, sigmas, {"solver": solver}, REFINE + 12))
 
 
+def parse_floats(text, what):
+    try:
+        values = [float(v) for v in text.replace(";", ",").split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"Stride DC-Solver CPR: {what} must be comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise ValueError(f"Stride DC-Solver CPR: list at least one value in {what}")
+    return values
+
+
+class StrideCalibrateDCSolverCPR(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="StrideCalibrateDCSolverCPR", display_name="Calibrate DC-Solver for any steps and cfg (Stride)",
+            category=CATEGORY,
+            description="DC-Solver's cascade polynomial regression: the ratios searched at several step counts and "
+                        "guidance scales (each a DC-Solver calibration, stored), then the paper's 36-coefficient "
+                        "polynomial in step position, steps and cfg fitted to them, so the sampler and "
+                        "stride_dc_solver predict ratios for other steps and cfg of this scheduler with no search.",
+            inputs=[i for i in _calibrate_inputs([]) if i.id not in ("cfg", "steps", "sigmas")] + [
+                io.String.Input("steps_list", default="5, 6, 8, 10",
+                                tooltip="Step counts to search (at least 3 each)."),
+                io.String.Input("cfg_list", default="1, 3, 5.5", tooltip="Guidance scales to search."),
+                io.Combo.Input("solver", options=["unipc", "dpmpp"], default="unipc",
+                               tooltip="UniPC (bh2, order 2, with corrector) or DPM-Solver++ 2M (predictor only).")],
+            outputs=[io.String.Output(tooltip="The CPR calibration: paste it into the DC-Solver sampler node.")])
+
+    @classmethod
+    def execute(cls, model, positive, negative, latent_image, scheduler, samples, seed, steps_list, cfg_list,
+                solver) -> io.NodeOutput:
+        from .compare import parse_nfes
+        searched = {}
+        for steps in parse_nfes(steps_list):
+            if steps < 3:
+                raise ValueError(f"Stride DC-Solver CPR: {steps} steps have nothing to compensate; use 3 or more")
+            for cfg in parse_floats(cfg_list, "cfg_list"):
+                text = _calibrate("dc_solver", model, positive, negative, latent_image, cfg, scheduler, steps,
+                                  samples, seed, None, {"solver": solver}, REFINE + 12)
+                searched[(steps, cfg)] = json.loads(text)["values"]
+        coeffs = dc_solver.cpr_fit(searched)
+        fp = store.fingerprint(model)
+        text = calibration_text("dc_solver", fp, [], None, {"solver": solver, "cpr": scheduler}, coeffs.tolist())
+        settings = {"cpr": sorted(f"{k[0]}@{k[1]}" for k in searched), "scheduler": scheduler, "samples": samples,
+                    "seed": seed, "solver": solver, "conditioning": conditioning_digest(positive, negative)}
+        store.save("dc_solver", settings, fp, {"coefficients": coeffs.float()},
+                   {"calibration": json.loads(text), "text": text, "searched": len(searched)})
+        return io.NodeOutput(text)
+
+
 class StrideCalibrateIIA(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -370,5 +437,5 @@ StrideSamplerDPMSolverV3 = _sampler_node(
     "DPM-Solver-v3 multistep with the pseudo-corrector, from your model's statistics (any schedule inside their "
     "range, any step count). Refuses, with a clear error, statistics of another model.", V3_INPUTS)
 
-NODES = [StrideCalibrateDCSolver, StrideCalibrateIIA, StrideCalibrateDPMSolverV3, StrideSamplerDCSolver,
+NODES = [StrideCalibrateDCSolver, StrideCalibrateDCSolverCPR, StrideCalibrateIIA, StrideCalibrateDPMSolverV3, StrideSamplerDCSolver,
          StrideSamplerIIA, StrideSamplerDPMSolverV3]

@@ -394,3 +394,23 @@ def test_v3_nodes_widget_store_and_ksampler_name(node_class, store, caplog, stat
     else:
         with pytest.raises(ValueError, match="live in the calibration store"):
             sample(model, pos, neg, latent, sampler, sigmas)
+
+
+def test_cpr_calibration_predicts_ratios_for_new_steps_and_cfg(node_class, store, caplog):
+    model, pos, neg, latent = demo(node_class, "oracle_eps")
+    with torch.inference_mode():
+        text = node_class("StrideCalibrateDCSolverCPR").execute(model, pos, neg, latent, "karras", 2, 0, "4, 5, 6",
+                                                                "1, 3", "unipc").result[0]
+    data = json.loads(text)
+    assert data["options"]["cpr"] == "karras" and len(data["values"]) == 36 and data["cfg"] is None
+    assert len(list(store.glob("dc_solver-*.safetensors"))) == 7  # 6 searches and the fit
+    sampler = node_class("StrideSamplerDCSolver").execute(text).result[0]
+    ms = model.get_model_object("model_sampling")
+    with caplog.at_level(logging.INFO):  # 7 steps at cfg 2: neither was searched
+        out = sample(model, pos, neg, latent, sampler, comfy.samplers.calculate_sigmas(ms, "karras", 7), cfg=2.0)
+    assert torch.isfinite(out).all()
+    assert any("CPR ratios for 7 steps at cfg 2" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError, match="its CPR fit is for the karras scheduler"):
+        sample(model, pos, neg, latent, sampler, comfy.samplers.calculate_sigmas(ms, "exponential", 7))
+    with pytest.raises(ValueError, match="cfg_list must be comma-separated numbers"):
+        node_class("StrideCalibrateDCSolverCPR").execute(model, pos, neg, latent, "karras", 2, 0, "4", "high", "unipc")
