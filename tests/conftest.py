@@ -43,6 +43,18 @@ def oracle_model(stride):
 
 
 @pytest.fixture
+def calibration_store(stride, tmp_path):
+    """A fresh calibration folder, first in the list (where calibrations are saved); removed after the test."""
+    import folder_paths
+    st = stride("nodes.calibration_store")
+    st.register()
+    paths = folder_paths.folder_names_and_paths[st.FOLDER][0]
+    paths.insert(0, str(tmp_path))
+    yield tmp_path
+    paths.remove(str(tmp_path))
+
+
+@pytest.fixture
 def run_prompt():
     """run_prompt(api_prompt) -> (history outputs, {key: tensor} from StrideTestCapture nodes)."""
     captured = comfy_nodes.NODE_CLASS_MAPPINGS["StrideTestCapture"].captured

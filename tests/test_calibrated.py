@@ -13,7 +13,6 @@ import torch
 
 import comfy.sample
 import comfy.samplers
-import folder_paths
 
 LABELS = torch.tensor([0, 3, 5, 8, 1, 9, 2, 7])
 RANGES = {False: (0.0292, 14.6), True: (0.01, 1.0)}
@@ -196,13 +195,8 @@ def test_iia_local_fine_targets_are_the_base_on_finer_steps(m):
 # --- in the real ComfyUI --------------------------------------------------------------------------------------------
 
 @pytest.fixture
-def store(stride, tmp_path):
-    st = stride("nodes.calibration_store")
-    st.register()
-    paths = folder_paths.folder_names_and_paths[st.FOLDER][0]
-    paths.insert(0, str(tmp_path))
-    yield tmp_path
-    paths.remove(str(tmp_path))
+def store(calibration_store):
+    return calibration_store
 
 
 def demo(node_class, name):

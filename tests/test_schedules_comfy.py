@@ -8,7 +8,6 @@ import logging
 import pytest
 import torch
 
-import folder_paths
 from comfy_server import post_json, wait_for_history
 
 SEED, CFG, STEPS = 3, 3.0, 4
@@ -21,14 +20,9 @@ OPTIMIZERS = {  # node: (budget, extra inputs) sized for a quick run
 
 
 @pytest.fixture(autouse=True)
-def store(stride, tmp_path):
-    """A fresh calibration folder for each test, first in the list (where calibrations are saved)."""
-    st = stride("nodes.calibration_store")
-    st.register()
-    paths = folder_paths.folder_names_and_paths[st.FOLDER][0]
-    paths.insert(0, str(tmp_path))
-    yield tmp_path
-    paths.remove(str(tmp_path))
+def store(calibration_store):
+    """A fresh calibration folder for each test."""
+    return calibration_store
 
 
 def demo(model, digits="37"):
