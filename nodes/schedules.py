@@ -156,6 +156,8 @@ class StrideScheduleGITS(io.ComfyNode):
     def execute(cls, model, positive, negative, latent_image, cfg, sampler_name, steps, budget, samples, seed,
                 denoise, coeff) -> io.NodeOutput:
         check_steps(steps, "GITS")
+        if steps > MAX_GRID:
+            raise ValueError(f"Stride GITS: at most {MAX_GRID} steps (its teacher grid has {MAX_GRID} points)")
         need(budget, steps + 2, "GITS", f"a grid for {steps} steps")
         jump, half_log_snr = jump_of(sampler_name)
         points = min(MAX_GRID, budget - 1)
