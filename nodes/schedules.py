@@ -220,14 +220,15 @@ class StrideScheduleLD3(io.ComfyNode):
                         "initial noise). Runs the model with gradients: each call is checkpointed, and the "
                         "weights are held twice while it lasts (ComfyUI loads them in inference mode).",
             inputs=_optimizer_inputs(400, "Model evaluations: 24 for the teacher, then 4 per step and iteration "
-                                          "(forward, recomputation, backward).") + [_initial_input()],
+                                          "(forward, recomputation, backward), and 2 per step for the final "
+                                          "check against the initial schedule.") + [_initial_input()],
             outputs=_outputs())
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, cfg, sampler_name, steps, budget, samples, seed,
                 denoise, initial) -> io.NodeOutput:
         check_steps(steps, "LD3")
-        need(budget, 1 + TEACHER_POINTS + 2 * 4 * steps, "LD3", f"two iterations of {steps} steps")
+        need(budget, 1 + TEACHER_POINTS + 10 * steps, "LD3", f"two iterations of {steps} steps and a check")
 
         def fit(ctx, ms):
             target = _teacher_output(ctx, ms)

@@ -501,10 +501,14 @@ def test_ld3_logits_round_trip_the_initial_schedule(m, flow):
         torch.testing.assert_close(back.float(), init, rtol=1e-5, atol=0)
 
 
-def test_ld3_logits_round_trip_a_schedule_ending_at_sigma_min(m):
+def test_ld3_starts_a_schedule_ending_at_sigma_min_in_the_tables_convention(m):
+    """ComfyUI's schedules end at sigma_min, then 0: LD3 learns N + 1 nodes down to sigma_min, the last becoming
+    the final 0, so it starts from the schedule resampled to N + 1 nodes (no model call spent at sigma_min)."""
     init = K.get_sigmas_karras(5, EPS_RANGE[0], EPS_RANGE[1])
     back = m.ld3.sigmas_from(m.ld3.logits_from(init, EPS_RANGE[0], m.core.VE), init, EPS_RANGE[0], m.core.VE)
-    torch.testing.assert_close(back.float(), init, rtol=1e-5, atol=0)
+    want = m.common.resample(init, 6)[:-1]
+    torch.testing.assert_close(back[:-1].float(), want[:-1], rtol=1e-5, atol=0)
+    assert back[-1] == 0 and len(back) == 6
 
 
 @pytest.fixture(scope="module")
@@ -536,7 +540,7 @@ def test_ld3_lowers_the_loss_and_the_held_out_error(m, ld3_setup):
 @pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
 def test_ld3_needs_a_budget_of_two_iterations(m, ld3_setup):
     s = ld3_setup
-    for budget in (4, 10, 25, 39):  # 5 steps: 4 evaluations per model call per iteration, two iterations
+    for budget in (4, 10, 25, 49):  # 5 steps: two iterations of 4 per model call, and 2 for the check
         with pytest.raises(m.common.BudgetExceeded):
             m.ld3.optimize(m.common.Counted(s["d"], 4, budget=budget), s["solve"], s["x"], s["target"], s["init"],
                            FLOW_RANGE[0], m.core.FLOW)
@@ -556,7 +560,7 @@ def test_ld3_charges_the_documented_evaluations_per_iteration(m, ld3_setup):
     s = ld3_setup
     counted = m.common.Counted(s["d"], 4)
     m.ld3.optimize(counted, s["solve"], s["x"], s["target"], s["init"], FLOW_RANGE[0], m.core.FLOW, max_iters=2)
-    assert counted.calls == 2 * 4 * 5  # forward + checkpoint recomputation + 2 for the backward
+    assert counted.calls == 2 * 4 * 5 + 2 * 5  # forward, recomputation, 2 for the backward; the check
 
 
 # --- evolutionary search -------------------------------------------------------------------------------------------

@@ -4,11 +4,15 @@ output, with LD3's slack: the student may start from x'_T within a small ball ar
 
 Times only (no decoupled evaluation times): a SIGMAS list cannot carry them. Each model call is
 gradient-checkpointed, so the backward pass keeps the per-step latents and one call's activations.
+The times are N + 1 nodes from sigma_max to the model's sigma_min whose last becomes the final 0 (the
+convention of the Align Your Steps tables: no model call is spent at sigma_min); a schedule that already ends at
+sigma_min, as ComfyUI's do, is resampled to that convention before learning. The result is compared with the
+user's own schedule on the calibration noises, and the better one is returned.
 """
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .common import BudgetExceeded, mse
+from .common import BudgetExceeded, mse, nodes_to_floor
 
 
 def logits_from(init, sigma_min, param):
@@ -30,11 +34,7 @@ def sigmas_from(theta, init, sigma_min, param):
 
 
 def _nodes(init, sigma_min, param):
-    """init's nonzero sigmas and the floor its last one may move down to (sigma_min, or itself when it is already
-    there): the logits then reproduce init exactly and every learned sigma stays in the model's range."""
-    inner = init[:-1].double()
-    floor = min(float(inner[-1]), sigma_min)
-    return param.capped(torch.cat([inner, inner.new_tensor([floor])]))
+    return param.capped(nodes_to_floor(init, sigma_min))
 
 
 def optimize(denoiser, solve, x, target, init, sigma_min, param, lr=5e-3, slack=1e-3, max_iters=10_000):
@@ -42,21 +42,22 @@ def optimize(denoiser, solve, x, target, init, sigma_min, param, lr=5e-3, slack=
 
     denoiser: D(x, sigma) (a Counted, whose budget ends the fit: an iteration costs 4 evaluations per model call,
     the forward call and its checkpoint recomputation, both counted by the denoiser, and 2 charged for the backward
-    pass); solve: a differentiable Stride sampler. The slack radius is LD3's
-    r = slack * d / N^2 (d: latent size per sample). Returns (best sigmas, its loss, the initial loss, iterations)."""
+    pass; 2 runs at the end compare the result with init); solve: a differentiable Stride sampler. The slack
+    radius is LD3's r = slack * d / N^2 (d: latent size per sample).
+    Returns (sigmas, their loss, init's loss, iterations): losses on the calibration noises themselves."""
     steps = len(init) - 1
     theta = torch.nn.Parameter(logits_from(init, sigma_min, param))
     opt = torch.optim.RMSprop([theta], lr=lr, momentum=0.9)
     radius = slack * x[0].numel() / steps ** 2
     x_t, prev_loss = x.detach().clone(), None
     model = lambda x_, s_, **kw: checkpoint(denoiser, x_, s_, use_reentrant=False, **kw)
-    best, first, iters = None, None, 0
+    best, iters = None, 0
     with torch.enable_grad():
         while iters < max_iters:
-            if denoiser.budget is not None and denoiser.calls + 4 * steps > denoiser.budget + 1e-9:
+            if denoiser.budget is not None and denoiser.calls + 6 * steps > denoiser.budget + 1e-9:
                 if iters < 2:
-                    raise BudgetExceeded(f"LD3 needs {4 * steps} model evaluations per iteration and at least two "
-                                         f"iterations; the budget is {denoiser.budget:g}")
+                    raise BudgetExceeded(f"LD3 needs two iterations of {4 * steps} model evaluations and "
+                                         f"{2 * steps} to check the result; the budget is {denoiser.budget:g}")
                 break
             x_var = x_t.clone().requires_grad_(True)
             sigmas = sigmas_from(theta, init, sigma_min, param)
@@ -64,8 +65,6 @@ def optimize(denoiser, solve, x, target, init, sigma_min, param, lr=5e-3, slack=
             denoiser.charge(2 * steps)  # the backward pass through every model call
             loss = losses.mean()
             value = loss.item()
-            if first is None:
-                first = value
             if best is None or value < best[1]:
                 best = (sigmas.detach().float(), value)
             if prev_loss is not None:  # keep a sample's moved noise only where its loss went down
@@ -82,4 +81,7 @@ def optimize(denoiser, solve, x, target, init, sigma_min, param, lr=5e-3, slack=
                 norm = delta.flatten(1).norm(dim=1).clamp_min(1e-12)
                 x_t = x + delta * (radius / norm).clamp(max=1.0).reshape(-1, *[1] * (x.ndim - 1))
             iters += 1
-    return best[0], best[1], first, iters
+    with torch.no_grad():  # the slack moved the noise: judge the result, and init, on the noise itself
+        loss = mse(solve(denoiser, x, best[0].to(init.dtype)), target).mean().item()
+        start = mse(solve(denoiser, x, init), target).mean().item()
+    return (best[0], loss, start, iters) if loss < start else (init.float(), start, start, iters)

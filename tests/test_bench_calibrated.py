@@ -1,0 +1,71 @@
+"""bench.solvers --calibrated in its quick mode: every calibrated solver calibrated through its node in a fresh
+calibration store, measured beside UniPC, DPM-Solver++ 2M and the best built-in, with finite errors, the expected
+rows and NFE columns, the MSE-ratio rows with the papers' anchors computed from their quoted numbers, and one
+cost record per calibration.
+
+The full measurement is `.venv/bin/python -m bench.solvers --calibrated` (docs/bench_calibrated.md).
+"""
+import math
+
+import folder_paths
+
+from bench import solvers
+
+
+def _body(table):
+    lines = table.splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return header, [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+
+
+def test_quick_run_fills_every_row_and_column(stride):
+    plan = solvers.CAL_QUICK
+    store = stride("nodes.calibration_store")
+    store.register()
+    paths_before = folder_paths.folder_names_and_paths[store.FOLDER]
+    rows, calibrations = solvers.measure_calibrated(plan, solvers.CAL_QUICK_SAMPLES, log=lambda _: None)
+    assert folder_paths.folder_names_and_paths[store.FOLDER] == paths_before  # the store is put back
+
+    (model, cfg), = solvers.settings(rows)
+    nfes = plan[model]["nfes"]
+    header, body = _body(solvers.calibrated_error_table(rows, model, cfg, nfes))
+    assert header == ["solver"] + [f"NFE {n}" for n in nfes]
+    assert [r[0] for r in body] == [label for label, _, _ in solvers.CAL_TABLE]
+    for line in body:
+        for n, cell in zip(nfes, line[1:]):
+            if line[0] == "IIA (Heun)" and n < 5:  # (NFE + 1) // 2 = 2 steps: too few to calibrate
+                assert cell == "n/a"
+                continue
+            mean, median = (float(v.strip("*")) for v in cell.split(" (")[0].split(" ")[0:3:2])
+            assert math.isfinite(mean) and math.isfinite(median) and mean >= 0
+    assert all(sum("**" in line[i] for line in body) >= 1 for i in range(1, len(header)))  # a best per column
+    measured = [r for r in rows if r.get("error") is not None]
+    assert all(r["nfe"] <= r["target_nfe"] for r in measured)
+    assert all(r["nfe"] == r["target_nfe"] for r in measured if r["sampler"] not in ("heun", "IIA (Heun)"))
+
+    header, body = _body(solvers.calibrated_ratio_table(rows, model, cfg, nfes))
+    assert header[-1] == f"paper, NFE {solvers.ANCHOR_NFE}"
+    assert [r[0] for r in body] == [label for label, *_ in solvers.CAL_RATIOS]
+    anchors = {r[0]: r[-1] for r in body}
+    assert anchors["DC-Solver / UniPC-2 bh2 (its base)"].endswith(f"= {0.394 / 0.434:.3f}")
+    assert anchors["v3 per-channel / dpmpp_2m (ComfyUI)"].endswith(f"= {0.55 / 0.60:.3f}")
+    for line in body:
+        for n, cell in zip(nfes, line[1:-1]):
+            if line[0].startswith("IIA Heun") and n < 5:
+                assert cell == ""
+                continue
+            assert math.isfinite(float(cell.strip("*"))) and float(cell.strip("*")) > 0
+
+    # One calibration per NFE for DC-Solver and IIA (Heun: the NFEs with 3 steps or more), one per statistics
+    # kind for DPM-Solver-v3; each cost counted inside the model, and the node's own count agrees.
+    per = {m: [c for c in calibrations if c["method"] == m] for m in solvers.CAL_METHODS}
+    assert len(per["DC-Solver (UniPC-2 bh2)"]) == len(per["IIA (DDIM)"]) == len(nfes)
+    assert len(per["IIA (Heun)"]) == sum((n + 1) // 2 >= 3 for n in nfes)
+    assert len(per["DPM-Solver-v3 per-channel"]) == len(per["DPM-Solver-v3 per-element"]) == 1
+    for c in calibrations:
+        assert c["evaluations"] > 0 and c["wall_seconds"] > 0
+        assert math.isclose(c["evaluations"], c["node_evaluations"], rel_tol=0.01)
+    costs = solvers.calibration_cost_table(calibrations).splitlines()
+    assert [line.split("|")[1].strip() for line in costs[2:]] == list(solvers.CAL_METHODS)
+    summary = solvers.calibrated_summary_table(rows).splitlines()
+    assert len(summary) == 2 + len(solvers.CAL_RATIOS)
