@@ -78,6 +78,9 @@ def calibrated_sampler(method, calibration, options=None):
             raise ValueError(f"Stride {METHODS[method]}: this calibration was made for another model "
                              f"({calibration['model']}, this one is {fp['id']}); calibrate this model instead")
         why = match(calibration, sigmas, method, model_sampling_of(model))
+        cfg = float(getattr(model.inner_model, "cfg", 1.0))
+        if why is None and calibration["cfg"] is not None and abs(calibration["cfg"] - cfg) > 1e-6:
+            why = f"it was made at cfg {calibration['cfg']}, this run uses {cfg}"
         if why:
             raise ValueError(f"Stride {METHODS[method]}: the calibration does not fit this run: {why}")
         return run_calibrated(method, calibration, model, x, sigmas, extra_args, callback, disable, options)
@@ -129,20 +132,27 @@ def fit(method, ctx, sigmas, options):
     memo = Memo(ctx.denoiser)
     if method == "dpm_solver_v3":
         return fit_ems(ctx, sigmas, options)
+    reference = teacher_trajectory(ctx.denoiser, ctx.x, sigmas[:-1], ctx.param.flow, REFINE)[0]
     if method == "dc_solver":
-        reference, _ = teacher_trajectory(ctx.denoiser, ctx.x, sigmas[:-1], ctx.param.flow, REFINE)
         values = dc_solver.search_ratios(memo, ctx.x, sigmas, reference, ctx.param, solver=options["solver"])
         run = lambda v: dc_solver.sample_dc(memo, ctx.x, sigmas, param=ctx.param, ratios=v, solver=options["solver"])
-        plain = [1.0] * len(values)
+        neutral = 1.0
     else:
-        reference = teacher_trajectory(ctx.denoiser, ctx.x, sigmas[:-1], ctx.param.flow, REFINE)[0]
         values = iia.fit_gammas(memo, ctx.x, sigmas, ctx.sigma_min, ctx.param, options["base"],
                                 reference=reference if options["target"] == "reference" else None)
         run = lambda v: iia.sample_iia(memo, ctx.x, sigmas, param=ctx.param, base=options["base"], gammas=v)
-        plain = []
-    errors = {"error": float(mse(run(values), reference[-1]).mean()),
-              "base_error": float(mse(run(plain), reference[-1]).mean())}
-    return values, errors
+        neutral = None
+    error = lambda v: float(mse(run(v), reference[-1]).mean())
+    # Steps are fitted one by one; the whole run can still end worse. Keep the prefix of fitted steps (the rest
+    # neutral) whose output is closest to the reference: at worst none, i.e. the uncalibrated base.
+    prefixes = [values[:k] + [neutral] * (len(values) - k) for k in range(len(values) + 1)]
+    scored = [(error(v), -k, v) for k, v in enumerate(prefixes)]
+    best, base = min(scored, key=lambda t: t[:2]), scored[0]
+    if best[2] != values:
+        logging.warning("Stride %s: the fitted run is not the closest to the reference on the calibration noises; "
+                        "keeping the first %d steps' corrections (%s)", METHODS[method], -best[1],
+                        "none: the uncalibrated base" if best[1] == 0 else f"error {best[0]:.4g} vs {base[0]:.4g}")
+    return best[2], {"error": best[0], "base_error": base[0], "fitted_steps": -best[1]}
 
 
 def fit_ems(ctx, sigmas, options):
@@ -162,6 +172,10 @@ def fit_ems(ctx, sigmas, options):
     errors = {"error": float(mse(run(ems), reference[-1]).mean()),
               "base_error": float(mse(run(dpm_solver_v3.EMS.degenerate(lambdas, ems.l.shape[1:])),
                                       reference[-1]).mean())}
+    if errors["error"] > errors["base_error"]:
+        logging.warning("Stride DPM-Solver-v3: on the calibration noises the measured statistics do worse (%.4g) than "
+                        "plain DPM-Solver++ (%.4g) at this schedule; kept, but UniPC or DPM-Solver++ may suit this "
+                        "model and cfg better", errors["error"], errors["base_error"])
     values = {"lambdas": lambdas, "l": ems.l, "s": ems.s, "b": ems.b}
     return values, errors
 

@@ -105,14 +105,14 @@ def fine_sigmas(s, t, sub_steps, sigma_min):
 
 
 def least_squares(terms, residual):
-    """gamma minimising |residual - sum_k gamma_k u_k|^2 (normal equations, with a tiny ridge for terms that
-    vanish, e.g. on a constant denoiser)."""
+    """gamma minimising |residual - sum_k gamma_k u_k|^2 + ridge (normal equations; the ridge, 1e-4 of the terms'
+    mean energy, tames nearly collinear terms, e.g. the first steps, and terms that vanish)."""
     a = torch.stack([u.double().flatten() for u in terms], 1)
     b = residual.double().flatten()
     if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
         raise ValueError("Stride IIA: the calibration run is not finite; check the model and the schedule")
     gram = a.T @ a
-    gram = gram + 1e-12 * gram.diagonal().mean().clamp_min(1e-30) * torch.eye(len(terms), dtype=gram.dtype)
+    gram = gram + 1e-4 * gram.diagonal().mean().clamp_min(1e-30) * torch.eye(len(terms), dtype=gram.dtype)
     return torch.linalg.solve(gram, a.T @ b).tolist()
 
 
