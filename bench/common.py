@@ -1,12 +1,16 @@
 """Shared pieces of the benchmark programs: arguments, the model setups, running one sampling setup."""
 import argparse
+import contextlib
 import json
+import math
+import shutil
+import tempfile
 import time
 
 import torch
 
 from . import host
-from .reference import oracle_reference
+from .reference import error_vs_reference, oracle_reference
 
 
 
@@ -64,3 +68,35 @@ class ModelSetup:
         sigmas = torch.tensor([float(sigma_start), float(self.model_sampling.sigma_min), 0.0])
         x, _, _ = self.sample(comfy.samplers.KSAMPLER(solver, {"rtol": rtol, "atol": rtol}), sigmas, cfg)
         return x.double()
+
+
+@contextlib.contextmanager
+def fresh_calibration_store():
+    """Stride's calibration store pointed at a new empty folder (and only there) while the block runs: nothing is
+    reused from earlier runs."""
+    import folder_paths
+    store = host.stride("nodes.calibration_store")
+    store.register()
+    saved = folder_paths.folder_names_and_paths[store.FOLDER]
+    folder = tempfile.mkdtemp(prefix="stride-bench-calibrations-")
+    folder_paths.folder_names_and_paths[store.FOLDER] = ([folder], {".safetensors"})
+    try:
+        yield folder
+    finally:
+        folder_paths.folder_names_and_paths[store.FOLDER] = saved
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def run_against_reference(setup, references, sampler, sigmas, cfg, rtol, data_std):
+    """(per-image errors, model-call counter, seconds) of one run against x_ref from the same first sigma and cfg
+    (solved once per key into `references`). A Stride sampler that stops instead of returning NaN, and any
+    non-finite error, count as diverged: error inf, seconds nan."""
+    key = (cfg, round(float(sigmas[0]), 5))
+    if key not in references:
+        references[key] = setup.reference(sigmas[0], cfg, rtol)
+    try:
+        x, counter, seconds = setup.sample(sampler, sigmas, cfg)
+        err = error_vs_reference(x, references[key], data_std)
+    except host.stride("nodes.sampler_bridge").SampleNotFinite:
+        counter, seconds, err = setup.last_counter, float("nan"), torch.full([1], math.inf)
+    return torch.where(torch.isfinite(err), err, torch.full_like(err, math.inf)), counter, seconds

@@ -23,19 +23,15 @@ Error = per-image RMSE over the latent against x_ref (the guided PF-ODE solved t
 same noise, then denoised: analytic for the oracle, the network's own ODE at tolerance 1e-5), in data standard
 deviations, over digits 0-9 x the evaluation seeds; NFE is counted inside the model (a CFG pair counts once).
 """
-import contextlib
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 
 import torch
 
 from . import host
-from .common import ModelSetup, parser, write_json
-from .reference import error_vs_reference
+from .common import ModelSetup, fresh_calibration_store, parser, run_against_reference, write_json
 from .solvers import SAMPLERS, STRIDE, TIE, available, sampler_object
 
 SOLVERS = ["euler", "dpmpp_2m", "uni_pc*", "stride_ghvb"]  # labels of bench.solvers
@@ -66,22 +62,6 @@ SAMPLES, QUICK_SAMPLES = 4, 2
 
 def comfy_name(label):
     return (STRIDE.get(label) or SAMPLERS[label])[0]
-
-
-@contextlib.contextmanager
-def fresh_store():
-    """The calibration store pointed at a new empty folder (and only there) while the block runs."""
-    import folder_paths
-    store = host.stride("nodes.calibration_store")
-    store.register()
-    saved = folder_paths.folder_names_and_paths[store.FOLDER]
-    folder = tempfile.mkdtemp(prefix="stride-bench-calibrations-")
-    folder_paths.folder_names_and_paths[store.FOLDER] = ([folder], {".safetensors"})
-    try:
-        yield folder
-    finally:
-        folder_paths.folder_names_and_paths[store.FOLDER] = saved
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def tables_apply(model_sampling):
@@ -153,9 +133,8 @@ class Optimizers:
 def measure(plan, budget=BUDGET, samples=SAMPLES, log=print):
     """(rows, calibrations): one row per model, cfg, schedule, solver and NFE; one calibration record per
     optimizer run that calibrated (a reused stored result is not a calibration)."""
-    not_finite = host.stride("nodes.sampler_bridge").SampleNotFinite
     rows, calibrations = [], []
-    with fresh_store() as folder:
+    with fresh_calibration_store() as folder:
         for name in available(plan):
             grid = plan[name]
             setup = ModelSetup(name, grid["seeds"])
@@ -179,14 +158,8 @@ def measure(plan, budget=BUDGET, samples=SAMPLES, log=print):
                                 rows.append({**row, "error": None, "median_error": None, "nfe": None,
                                              "note": note or "n/a"})
                                 continue
-                            key = (cfg, round(float(sigmas[0]), 5))
-                            if key not in references:
-                                references[key] = setup.reference(sigmas[0], cfg, grid["rtol"])
-                            try:
-                                x, counter, seconds = setup.sample(sampler_object(label), sigmas, cfg)
-                                err = error_vs_reference(x, references[key], data_std)
-                            except not_finite:  # a Stride sampler stops instead of returning NaN
-                                counter, seconds, err = setup.last_counter, float("nan"), torch.full([1], math.inf)
+                            err, counter, seconds = run_against_reference(setup, references, sampler_object(label),
+                                                                          sigmas, cfg, grid["rtol"], data_std)
                             rows.append({**row, "error": err.mean().item(), "median_error": err.median().item(),
                                          "nfe": counter.nfe, "seconds": seconds})
                 calibrations += optimizers.calibrations

@@ -9,7 +9,7 @@ import math
 
 import folder_paths
 
-from bench import solvers
+from bench import calibrated
 
 
 def _body(table):
@@ -19,18 +19,18 @@ def _body(table):
 
 
 def test_quick_run_fills_every_row_and_column(stride):
-    plan = solvers.CAL_QUICK
+    plan = calibrated.CAL_QUICK
     store = stride("nodes.calibration_store")
     store.register()
     paths_before = folder_paths.folder_names_and_paths[store.FOLDER]
-    rows, calibrations = solvers.measure_calibrated(plan, solvers.CAL_QUICK_SAMPLES, log=lambda _: None)
+    rows, calibrations = calibrated.measure_calibrated(plan, calibrated.CAL_QUICK_SAMPLES, log=lambda _: None)
     assert folder_paths.folder_names_and_paths[store.FOLDER] == paths_before  # the store is put back
 
-    (model, cfg), = solvers.settings(rows)
+    (model, cfg), = calibrated.settings(rows)
     nfes = plan[model]["nfes"]
-    header, body = _body(solvers.calibrated_error_table(rows, model, cfg, nfes))
+    header, body = _body(calibrated.calibrated_error_table(rows, model, cfg, nfes))
     assert header == ["solver"] + [f"NFE {n}" for n in nfes]
-    assert [r[0] for r in body] == [label for label, _, _ in solvers.CAL_TABLE]
+    assert [r[0] for r in body] == [label for label, _, _ in calibrated.CAL_TABLE]
     for line in body:
         for n, cell in zip(nfes, line[1:]):
             if line[0] == "IIA (Heun)" and n < 5:  # (NFE + 1) // 2 = 2 steps: too few to calibrate
@@ -43,9 +43,9 @@ def test_quick_run_fills_every_row_and_column(stride):
     assert all(r["nfe"] <= r["target_nfe"] for r in measured)
     assert all(r["nfe"] == r["target_nfe"] for r in measured if r["sampler"] not in ("heun", "IIA (Heun)"))
 
-    header, body = _body(solvers.calibrated_ratio_table(rows, model, cfg, nfes))
-    assert header[-1] == f"paper, NFE {solvers.ANCHOR_NFE}"
-    assert [r[0] for r in body] == [label for label, *_ in solvers.CAL_RATIOS]
+    header, body = _body(calibrated.calibrated_ratio_table(rows, model, cfg, nfes))
+    assert header[-1] == f"paper, NFE {calibrated.ANCHOR_NFE}"
+    assert [r[0] for r in body] == [label for label, *_ in calibrated.CAL_RATIOS]
     anchors = {r[0]: r[-1] for r in body}
     assert anchors["DC-Solver / UniPC-2 bh2 (its base)"].endswith(f"= {0.394 / 0.434:.3f}")
     assert anchors["v3 per-channel / dpmpp_2m (ComfyUI)"].endswith(f"= {0.55 / 0.60:.3f}")
@@ -58,14 +58,14 @@ def test_quick_run_fills_every_row_and_column(stride):
 
     # One calibration per NFE for DC-Solver and IIA (Heun: the NFEs with 3 steps or more), one per statistics
     # kind for DPM-Solver-v3; each cost counted inside the model, and the node's own count agrees.
-    per = {m: [c for c in calibrations if c["method"] == m] for m in solvers.CAL_METHODS}
+    per = {m: [c for c in calibrations if c["method"] == m] for m in calibrated.CAL_METHODS}
     assert len(per["DC-Solver (UniPC-2 bh2)"]) == len(per["IIA (DDIM)"]) == len(nfes)
     assert len(per["IIA (Heun)"]) == sum((n + 1) // 2 >= 3 for n in nfes)
     assert len(per["DPM-Solver-v3 per-channel"]) == len(per["DPM-Solver-v3 per-element"]) == 1
     for c in calibrations:
         assert c["evaluations"] > 0 and c["wall_seconds"] > 0
         assert math.isclose(c["evaluations"], c["node_evaluations"], rel_tol=0.01)
-    costs = solvers.calibration_cost_table(calibrations).splitlines()
-    assert [line.split("|")[1].strip() for line in costs[2:]] == list(solvers.CAL_METHODS)
-    summary = solvers.calibrated_summary_table(rows).splitlines()
-    assert len(summary) == 2 + len(solvers.CAL_RATIOS)
+    costs = calibrated.calibration_cost_table(calibrations).splitlines()
+    assert [line.split("|")[1].strip() for line in costs[2:]] == list(calibrated.CAL_METHODS)
+    summary = calibrated.calibrated_summary_table(rows).splitlines()
+    assert len(summary) == 2 + len(calibrated.CAL_RATIOS)
