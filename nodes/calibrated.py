@@ -1,6 +1,6 @@
-"""Calibrated solver nodes: DC-Solver and IIA measured once on the user's model (calibrate nodes), then used by
-SAMPLER nodes (from a calibration or its text pasted into the workflow) and by `stride_*` KSampler names that
-find a stored calibration for the model they run on."""
+"""Calibrated solver nodes: DC-Solver, IIA and DPM-Solver-v3 measured once on the user's model (calibrate nodes),
+then used by SAMPLER nodes (from a calibration or its text pasted into the workflow) and by `stride_*` KSampler
+names that find a stored calibration for the model they run on."""
 import json
 import logging
 import math
