@@ -8,7 +8,6 @@ drawing breaks, and checks that nodes without sigmas draw nothing and that no pa
 import math
 import os
 
-import pytest
 
 from test_browser import ARGS, CHROMIUM, history, wait_for_new_run
 

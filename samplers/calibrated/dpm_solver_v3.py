@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from ..core import VE, bcast
+from ..core import VE
 
 SUB_GRID = 33  # points (odd) of the quadrature between a step's ends
 

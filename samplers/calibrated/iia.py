@@ -13,7 +13,7 @@ trained networks the local fit often raised the final error, the reference fit l
 """
 import torch
 
-from ..core import VE, bcast, ode_slope
+from ..core import VE, ode_slope
 from ..multistep import sample_exponential
 from ..plugins import Plugin
 
