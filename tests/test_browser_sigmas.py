@@ -8,7 +8,6 @@ drawing breaks, and checks that nodes without sigmas draw nothing and that no pa
 import math
 import os
 
-
 from test_browser import ARGS, CHROMIUM, history, wait_for_new_run
 
 SCHEDULE = "14.6146, 6.4746, 3.8637, 1.3944, 0.3977, 0.0292, 0"
