@@ -24,6 +24,10 @@ CATEGORY = "sampling/stride/calibration"
 TEXT_VERSION = 1
 REFINE = 8  # the reference trajectory: Stride's UniPC-3 with this many steps per step of the schedule
 METHODS = {"dc_solver": "DC-Solver", "iia": "IIA", "dpm_solver_v3": "DPM-Solver-v3"}
+# More calibrated methods (nodes/structural.py): method -> (fit(ctx, sigmas, options), run(calibration, values,
+# model, x, sigmas, extra_args, callback, disable, param, overrides), schedule_free)
+EXTENSIONS = {}
+INLINE_VALUES = 20000  # calibrations with at most this many numbers also travel in the workflow text
 EMS_POINTS = 40     # DPM-Solver-v3: lambda grid of the statistics
 TEACHER_POINTS = 24  # model samples for the statistics: a UniPC-3 solve on this many points
 
@@ -52,7 +56,7 @@ def parse_calibration(text, method):
 def match(calibration, sigmas, method, model_sampling):
     """None if the calibration fits this schedule, else why not (DPM-Solver-v3's statistics fit any schedule
     inside their lambda range, which its sampler checks; a CPR fit, its scheduler at any step count)."""
-    if method == "dpm_solver_v3":
+    if method == "dpm_solver_v3" or (method in EXTENSIONS and EXTENSIONS[method][2]):
         return None
     scheduler = calibration["options"].get("cpr")
     if scheduler:
@@ -91,23 +95,31 @@ def model_sampling_of(model):
     return model.inner_model.model_patcher.get_model_object("model_sampling")
 
 
-def ems_of(calibration):
-    """DPM-Solver-v3's statistics: from the text (per channel) or from the store (per element)."""
+def stored_values(calibration, method):
+    """A calibration's tensors: from its text when they were small enough, else from the calibration store."""
     values = calibration["values"]
     if values is None:
         name = calibration["options"]["file"]
-        path = next((p for p in store.paths("dpm_solver_v3") if p.endswith(name)), None)
+        path = next((p for p in store.paths(method) if p.endswith(name)), None)
         if path is None:
-            raise ValueError(f"Stride DPM-Solver-v3: per-element statistics live in the calibration store ({name}), "
-                             "which is not on this machine: copy the file into models/stride_calibrations, or "
-                             "calibrate with per-channel statistics, which travel in the workflow text")
-        values = {k: v for k, v in store.read(path)[0].items()}
-    t = {k: torch.as_tensor(values[k], dtype=torch.float64) for k in ("lambdas", "l", "s", "b")}
+            raise ValueError(f"Stride {METHODS[method]}: this calibration is too large for the workflow text and lives "
+                             f"in the calibration store ({name}), which is not on this machine: copy the file into "
+                             "models/stride_calibrations, or calibrate here")
+        values = store.read(path)[0]
+    return {k: torch.as_tensor(v, dtype=torch.float64) for k, v in values.items()}
+
+
+def ems_of(calibration):
+    """DPM-Solver-v3's statistics (per channel: from the text; per element: from the store)."""
+    t = stored_values(calibration, "dpm_solver_v3")
     return dpm_solver_v3.EMS(t["lambdas"], t["l"], t["s"], t["b"])
 
 
 def run_calibrated(method, calibration, model, x, sigmas, extra_args, callback, disable, overrides=None):
     options, param = calibration["options"], model_param(model)
+    if method in EXTENSIONS:
+        return EXTENSIONS[method][1](calibration, stored_values(calibration, method), model, x, sigmas, extra_args,
+                                     callback, disable, param, overrides or {})
     if method == "dpm_solver_v3":
         overrides = overrides or {}
         return dpm_solver_v3.sample_dpm_solver_v3(model, x, sigmas, extra_args, callback, disable, param,
@@ -132,6 +144,8 @@ def fit(method, ctx, sigmas, options):
     memo = Memo(ctx.denoiser)
     if method == "dpm_solver_v3":
         return fit_ems(ctx, sigmas, options)
+    if method in EXTENSIONS:
+        return EXTENSIONS[method][0](ctx, sigmas, options)
     reference = teacher_trajectory(ctx.denoiser, ctx.x, sigmas[:-1], ctx.param.flow, REFINE)[0]
     if method == "dc_solver":
         values = dc_solver.search_ratios(memo, ctx.x, sigmas, reference, ctx.param, solver=options["solver"])
@@ -270,22 +284,24 @@ def _calibrate(method, model, positive, negative, latent_image, cfg, scheduler, 
     if found is not None:
         logging.info("Stride %s: reused %s (no model run)", METHODS[method], found[2])
         return found[1]["info"]["text"]
-    estimate = 1 + cost_per_step * (len(sigmas) - 1 if method != "dpm_solver_v3" else 1)
+    schedule_free = method == "dpm_solver_v3" or (method in EXTENSIONS and EXTENSIONS[method][2])
+    estimate = 1 + cost_per_step * (1 if schedule_free else len(sigmas) - 1)
     (values, errors), calls, seconds = calibrate(model, positive, negative, latent_image, cfg, seed, samples,
                                                  estimate, METHODS[method], lambda ctx: fit(method, ctx, sigmas, options),
                                                  capped=False)
     tensors = {"sigmas": sigmas.float()}
-    if method == "dpm_solver_v3":  # the statistics: in the store, and in the text when small (per channel)
+    if isinstance(values, dict):  # tensors: in the store, and in the text when small (not per-element statistics)
         tensors.update(values)
-        per_element = options["statistics"] == "per_element"
-        options = {**options, "file": store.file_name(method, settings, fp)} if per_element else options
-        values = None if per_element else {k: v.tolist() for k, v in values.items()}
+        inline = options.get("statistics") != "per_element" and sum(v.numel() for v in values.values()) <= INLINE_VALUES
+        options = options if inline else {**options, "file": store.file_name(method, settings, fp)}
+        values = {k: v.tolist() for k, v in values.items()} if inline else None
     text = calibration_text(method, fp, sigmas, cfg, options, values)
     info = {**errors, "evaluations": round(calls, 2), "seconds": round(seconds, 2),
             "calibration": json.loads(text), "text": text}
     store.save(method, settings, fp, tensors, info)
-    logging.info("Stride %s: %d model evaluations, %.1f s; error against the reference %.4g (uncalibrated %.4g)",
-                 METHODS[method], calls, seconds, errors["error"], errors["base_error"])
+    measured = (f"; error against the reference {errors['error']:.4g} (uncalibrated {errors['base_error']:.4g})"
+                if "error" in errors else "")
+    logging.info("Stride %s: %d model evaluations, %.1f s%s", METHODS[method], calls, seconds, measured)
     return text
 
 

@@ -1,11 +1,19 @@
-"""Structural accelerators as SAMPLER nodes: ParaDiGMS (model evaluations batched across steps) and Bottleneck
-Sampling (the middle steps at a lower resolution)."""
+"""Structural accelerators: ParaDiGMS (model evaluations batched across steps) and Bottleneck Sampling (the
+middle steps at a lower resolution) as SAMPLER nodes; analytical teleportation and ReDi retrieval as calibrated
+methods (a calibrate node, then a sampler node or text) on the machinery of nodes/calibrated.py."""
+import functools
 import logging
+
+import torch
 
 from comfy_api.latest import io
 
-from ..samplers import parallel
+from ..samplers import bottleneck, parallel, redi, teleport
 from ..samplers.core import VE
+from ..samplers.multistep import sample_ddim
+from ..samplers.schedules.common import mse, teacher_trajectory
+from . import calibrated
+from .calibrated import _calibrate, _calibrate_inputs, _sampler_node
 from .sampler_bridge import sampler_object
 
 CATEGORY = "sampling/stride/samplers"
@@ -54,4 +62,163 @@ class StrideSamplerParaDiGMS(io.ComfyNode):
                                             {"window": window, "tolerance": tolerance}))
 
 
-NODES = [StrideSamplerParaDiGMS]
+def sample_bottleneck_logged(model, x, sigmas, extra_args=None, callback=None, disable=None, param=VE,
+                             low_scale=0.5, fractions=(0.2, 0.55, 0.25), strengths=(1.0, 0.8, 0.6),
+                             shifts=(1.0, 1.0, 1.0), noise_sampler=None):
+    """Bottleneck Sampling high -> low -> high with DDIM in each stage; logs the stages and the compute fraction."""
+    _no_mask(extra_args, "Bottleneck")
+    stats = {}
+    out = bottleneck.sample_bottleneck(model, x, sigmas, extra_args, callback, disable, param,
+                                       scales=(1.0, low_scale, 1.0), fractions=fractions, strengths=strengths,
+                                       shifts=shifts, noise_sampler=noise_sampler, stats=stats)
+    if stats:
+        logging.info("Stride Bottleneck: stages of %s steps at %s; %.0f%% of the full-resolution compute (by "
+                     "latent area)", stats.get("steps"), stats.get("sizes"), 100 * stats.get("pixel_steps", 1.0))
+    return out
+
+
+def _floats(text, n, what):
+    values = [float(v) for v in text.replace(";", ",").split(",") if v.strip()]
+    if len(values) != n:
+        raise ValueError(f"Stride Bottleneck: {what} needs {n} comma-separated numbers (one per stage), got {text!r}")
+    return tuple(values)
+
+
+class StrideSamplerBottleneck(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="StrideSamplerBottleneck", display_name="Bottleneck sampler (Stride)", category=CATEGORY,
+            description="Bottleneck Sampling (Tian et al. 2025): the first steps at full resolution (layout), the "
+                        "middle ones on a smaller latent (cheap), the last ones at full resolution again (detail). "
+                        "Between stages the clean estimate is resized (area averaging down, bicubic up) and "
+                        "re-noised with the model's own interpolant. Works on EPS and flow models whose network "
+                        "accepts the smaller size (DiTs; UNets need sizes their down-sampling divides).",
+            inputs=[io.Float.Input("low_scale", default=0.5, min=0.125, max=1.0, step=0.125,
+                                   tooltip="Latent scale of the middle stage (0.5: half width and height)."),
+                    io.String.Input("fractions", default="0.2, 0.55, 0.25",
+                                    tooltip="Share of the steps of each stage (high, low, high)."),
+                    io.String.Input("strengths", default="1.0, 0.8, 0.6",
+                                    tooltip="Noise re-introduced at each stage's start, as a fraction of the "
+                                            "starting noise level (the first must be 1)."),
+                    io.String.Input("shifts", default="1.0, 1.0, 1.0",
+                                    tooltip="(expert) SD3/Flux time shift per stage; above 1 moves a stage's steps "
+                                            "to higher noise (the paper's Flux setting: 9, 6, 9).")],
+            outputs=[io.Sampler.Output()])
+
+    @classmethod
+    def execute(cls, low_scale, fractions, strengths, shifts) -> io.NodeOutput:
+        options = {"low_scale": low_scale, "fractions": _floats(fractions, 3, "fractions"),
+                   "strengths": _floats(strengths, 3, "strengths"), "shifts": _floats(shifts, 3, "shifts")}
+        bottleneck.check_options(3, (1.0, low_scale, 1.0), options["fractions"], options["strengths"],
+                                 options["shifts"])
+        return io.NodeOutput(sampler_object(sample_bottleneck_logged, "bottleneck", options))
+
+
+# --- teleportation and ReDi as calibrated methods ---------------------------------------------------------------
+
+TELEPORT_POINTS = 24  # the teacher solve that produces the model samples
+
+
+def fit_teleport(ctx, sigmas, options):
+    """Gaussian statistics of samples of the model (a UniPC-3 teacher at the user's cfg and conditioning)."""
+    grid = torch.exp(torch.linspace(float(torch.log(torch.tensor(min(ctx.sigma_max, ctx.param.sigma_cap)
+                                                                   if ctx.param.flow else ctx.sigma_max))),
+                                    float(torch.log(torch.tensor(ctx.sigma_min))), TELEPORT_POINTS,
+                                    dtype=torch.float64))
+    samples = teacher_trajectory(ctx.denoiser, ctx.x, grid, ctx.param.flow)[0][-1]
+    mu, u, lam, lam_res = teleport.gaussian_stats(samples, options["rank"])
+    values = {"mu": mu, "u": u, "lam": lam, "lam_res": lam_res.reshape(1)}
+    reference = teacher_trajectory(ctx.denoiser, ctx.x, sigmas[:-1], ctx.param.flow, calibrated.REFINE)[0][-1]
+    run = lambda skip: teleport.sample_teleport(ctx.denoiser, ctx.x, sigmas, param=ctx.param,
+                                                stats=(mu, u, lam, lam_res), skip=skip)
+    return values, {"error": float(mse(run(0.2), reference).mean()), "base_error": float(mse(run(0.0), reference).mean())}
+
+
+def run_teleport(calibration, values, model, x, sigmas, extra_args, callback, disable, param, overrides):
+    stats = (values["mu"], values["u"], values["lam"], values["lam_res"][0])
+    skip = overrides.get("skip", 0.2)
+    k = teleport.skip_index(sigmas, skip)
+    logging.info("Stride teleportation: the first %d of %d steps jumped in closed form (no model evaluation)", k,
+                 len(sigmas) - 1)
+    return teleport.sample_teleport(model, x, sigmas, extra_args, callback, disable, param, stats, skip)
+
+
+def fit_redi(ctx, sigmas, options):
+    """The knowledge base: DDIM runs of the calibration batch, keys at key_step, values at value_step."""
+    solve = lambda x, s: sample_ddim(ctx.denoiser, x, s, param=ctx.param)
+    keys, values = redi.build(solve, ctx.x, sigmas.double(), options["key_step"], options["value_step"])
+    return {"keys": keys, "values": values}, {"entries": len(keys)}
+
+
+def run_redi(calibration, values, model, x, sigmas, extra_args, callback, disable, param, overrides):
+    options = calibration["options"]
+    logging.info("Stride ReDi: steps %d to %d retrieved from %d stored trajectories (no model evaluation)",
+                 options["key_step"], options["value_step"], len(values["keys"]))
+    return redi.sample_redi(model, x, sigmas, extra_args, callback, disable,
+                            knowledge=(values["keys"], values["values"]), key_step=options["key_step"],
+                            value_step=options["value_step"], neighbours=overrides.get("neighbours", 8),
+                            solver=functools.partial(sample_ddim, param=param))
+
+
+calibrated.METHODS.update({"teleport": "teleportation", "redi": "ReDi"})
+calibrated.EXTENSIONS.update({"teleport": (fit_teleport, run_teleport, True), "redi": (fit_redi, run_redi, False)})
+
+
+class StrideCalibrateTeleport(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="StrideCalibrateTeleport", display_name="Calibrate teleportation (Stride)",
+            category=calibrated.CATEGORY,
+            description="Gaussian statistics (mean, rank-r principal directions, isotropic rest) of samples of your "
+                        "model under your conditioning and cfg, for the closed-form jump over the first steps. "
+                        "Statistics are per conditioning: calibrate with the prompt you sample with.",
+            inputs=_calibrate_inputs([io.Int.Input("rank", default=16, min=1, max=256,
+                                                   tooltip="Principal directions kept (at most samples - 1).")]),
+            outputs=[io.String.Output(tooltip="The calibration: connect or paste it into the teleportation sampler.")])
+
+    @classmethod
+    def execute(cls, model, positive, negative, latent_image, cfg, scheduler, steps, samples, seed, rank,
+                sigmas=None) -> io.NodeOutput:
+        return io.NodeOutput(_calibrate("teleport", model, positive, negative, latent_image, cfg, scheduler, steps,
+                                        samples, seed, sigmas, {"rank": rank}, TELEPORT_POINTS + 2 * steps))
+
+
+class StrideBuildReDi(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="StrideBuildReDi", display_name="Build ReDi knowledge base (Stride)", category=calibrated.CATEGORY,
+            description="ReDi's knowledge base: DDIM runs of your model on the calibration noises (and prompts), "
+                        "each storing its state at key_step and at value_step, for this schedule, cfg and latent "
+                        "size. More samples: better retrieval.",
+            inputs=_calibrate_inputs([io.Int.Input("key_step", default=2, min=1, max=99,
+                                                   tooltip="Steps run before the retrieval."),
+                                      io.Int.Input("value_step", default=4, min=2, max=99,
+                                                   tooltip="The step the run resumes at; the steps between are "
+                                                           "retrieved.")]),
+            outputs=[io.String.Output(tooltip="The knowledge base: connect or paste it into the ReDi sampler.")])
+
+    @classmethod
+    def execute(cls, model, positive, negative, latent_image, cfg, scheduler, steps, samples, seed, key_step,
+                value_step, sigmas=None) -> io.NodeOutput:
+        return io.NodeOutput(_calibrate("redi", model, positive, negative, latent_image, cfg, scheduler, steps,
+                                        samples, seed, sigmas, {"key_step": key_step, "value_step": value_step},
+                                        1))
+
+
+StrideSamplerTeleport = _sampler_node(
+    "StrideSamplerTeleport", "teleport", "Teleportation sampler (Stride)",
+    "The first part of the schedule jumped in closed form with the Gaussian statistics of your model, then "
+    "DPM-Solver++ 2M on the rest. Refuses statistics of another model or cfg.",
+    [io.Float.Input("skip", default=0.2, min=0.0, max=0.9, step=0.05,
+                    tooltip="Share of the steps jumped (the paper keeps quality up to 0.15-0.3).")])
+StrideSamplerReDi = _sampler_node(
+    "StrideSamplerReDi", "redi", "ReDi sampler (Stride)",
+    "DDIM with the steps between the knowledge base's key and value steps retrieved from stored trajectories of "
+    "your model. Refuses a knowledge base of another model, schedule or cfg.",
+    [io.Int.Input("neighbours", default=8, min=1, max=256, tooltip="Stored trajectories combined per image.")])
+
+NODES = [StrideSamplerParaDiGMS, StrideSamplerBottleneck, StrideCalibrateTeleport, StrideBuildReDi,
+         StrideSamplerTeleport, StrideSamplerReDi]

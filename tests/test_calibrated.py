@@ -391,7 +391,7 @@ def test_v3_nodes_widget_store_and_ksampler_name(node_class, store, caplog, stat
     if statistics == "per_channel":  # the text alone carries them to another machine
         assert torch.equal(sample(model, pos, neg, latent, sampler, sigmas), out)
     else:
-        with pytest.raises(ValueError, match="live in the calibration store"):
+        with pytest.raises(ValueError, match="lives in the calibration store"):
             sample(model, pos, neg, latent, sampler, sigmas)
 
 

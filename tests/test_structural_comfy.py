@@ -1,5 +1,7 @@
 """Structural accelerators in the real ComfyUI: ParaDiGMS through SamplerCustom on the exact EPS and flow oracles
-and the trained DiT (cfg batched by ComfyUI across the window), its per-run report, and its refusals."""
+and the trained DiT (cfg batched by ComfyUI across the window) with its per-run report; Bottleneck Sampling on the
+trained DiT (the middle steps really run small); teleportation and ReDi calibrated, stored and sampled on EPS and
+flow; and the refusals."""
 import logging
 import re
 
@@ -47,3 +49,52 @@ def test_paradigms_refuses_inpainting_masks(node_class):
     with pytest.raises(ValueError, match="inpainting masks"):
         sample(model, pos, neg, latent, node_class("StrideSamplerParaDiGMS").execute(4, 0.1).result[0], sigmas,
                mask=mask)
+
+
+def test_bottleneck_runs_the_middle_small_and_returns_full_size(node_class, caplog):
+    model, pos, neg, latent = demo(node_class, "dit_small")
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", 10)
+    shapes = []
+    counted = model.clone()
+    counted.set_model_unet_function_wrapper(lambda apply, args: shapes.append(tuple(args["input"].shape[-2:]))
+                                            or apply(args["input"], args["timestep"], **args["c"]))
+    sampler = node_class("StrideSamplerBottleneck").execute(0.5, "0.2, 0.6, 0.2", "1.0, 0.8, 0.6", "1, 1, 1").result[0]
+    with caplog.at_level(logging.INFO):
+        out = sample(counted, pos, neg, latent, sampler, sigmas)
+    assert out.shape == latent["samples"].shape and torch.isfinite(out).all()
+    assert shapes.count((4, 4)) == 6 and shapes.count((8, 8)) == 4  # 2 + 6 + 2 steps
+    assert any("Stride Bottleneck: stages of [2, 6, 2] steps" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError, match="fractions needs 3 comma-separated numbers"):
+        node_class("StrideSamplerBottleneck").execute(0.5, "0.5, 0.5", "1, 0.8, 0.6", "1, 1, 1")
+    odd = {"samples": torch.zeros(2, 16, 6, 6)}
+    with pytest.raises(ValueError, match="6x6"):
+        sample(model, pos, neg, odd, node_class("StrideSamplerBottleneck").execute(0.5, "0.2, 0.6, 0.2",
+                                                                                    "1, 0.8, 0.6", "1, 1, 1").result[0],
+               sigmas)
+
+
+@pytest.mark.parametrize("name,scheduler", [("oracle_eps", "karras"), ("oracle_flow", "simple")])
+def test_teleportation_and_redi_calibrate_store_and_sample(node_class, calibration_store, caplog, name, scheduler):
+    model, pos, neg, latent = demo(node_class, name, digits="33")
+    ms = model.get_model_object("model_sampling")
+    sigmas = comfy.samplers.calculate_sigmas(ms, scheduler, 10)
+    with torch.inference_mode():
+        tele = node_class("StrideCalibrateTeleport").execute(model, pos, neg, latent, 3.0, scheduler, 10, 16, 0,
+                                                             rank=8).result[0]
+        kb = node_class("StrideBuildReDi").execute(model, pos, neg, latent, 3.0, scheduler, 10, 16, 0, key_step=2,
+                                                   value_step=4).result[0]
+    with caplog.at_level(logging.INFO):
+        out_t = sample(model, pos, neg, latent, node_class("StrideSamplerTeleport").execute(tele, skip=0.2).result[0],
+                       sigmas)
+        out_r = sample(model, pos, neg, latent, node_class("StrideSamplerReDi").execute(kb, neighbours=8).result[0],
+                       sigmas)
+    assert torch.isfinite(out_t).all() and torch.isfinite(out_r).all()
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("the first 2 of 10 steps jumped in closed form" in msg for msg in messages)
+    assert any("steps 2 to 4 retrieved from 16 stored trajectories" in msg for msg in messages)
+    with pytest.raises(ValueError, match="made for 10 steps, this run has 8"):  # a knowledge base is schedule-bound
+        sample(model, pos, neg, latent, node_class("StrideSamplerReDi").execute(kb, neighbours=8).result[0],
+               comfy.samplers.calculate_sigmas(ms, scheduler, 8))
+    with pytest.raises(ValueError, match="made at cfg 3.0, this run uses 5.0"):
+        sample(model, pos, neg, latent, node_class("StrideSamplerTeleport").execute(tele, skip=0.2).result[0], sigmas,
+               cfg=5.0)
