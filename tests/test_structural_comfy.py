@@ -51,9 +51,10 @@ def test_paradigms_refuses_inpainting_masks(node_class):
                mask=mask)
 
 
-def test_bottleneck_runs_the_middle_small_and_returns_full_size(node_class, caplog):
-    model, pos, neg, latent = demo(node_class, "dit_small")
-    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", 10)
+@pytest.mark.parametrize("name,scheduler", [("dit_small", "simple"), ("unet_small", "karras")])
+def test_bottleneck_runs_the_middle_small_and_returns_full_size(node_class, caplog, name, scheduler):
+    model, pos, neg, latent = demo(node_class, name)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, 10)
     shapes = []
     counted = model.clone()
     counted.set_model_unet_function_wrapper(lambda apply, args: shapes.append(tuple(args["input"].shape[-2:]))
@@ -66,7 +67,7 @@ def test_bottleneck_runs_the_middle_small_and_returns_full_size(node_class, capl
     assert any("Stride Bottleneck: stages of [2, 6, 2] steps" in r.getMessage() for r in caplog.records)
     with pytest.raises(ValueError, match="fractions needs 3 comma-separated numbers"):
         node_class("StrideSamplerBottleneck").execute(0.5, "0.5, 0.5", "1, 0.8, 0.6", "1, 1, 1")
-    odd = {"samples": torch.zeros(2, 16, 6, 6)}
+    odd = {"samples": torch.zeros(2, latent["samples"].shape[1], 6, 6)}
     with pytest.raises(ValueError, match="6x6"):
         sample(model, pos, neg, odd, node_class("StrideSamplerBottleneck").execute(0.5, "0.2, 0.6, 0.2",
                                                                                     "1, 0.8, 0.6", "1, 1, 1").result[0],
