@@ -2,7 +2,6 @@
 and the best built-in sampler/scheduler, each calibrated through its node on the model it is measured on, with
 the calibration cost. Run through bench.solvers (see its docstring); the tables are in docs/bench_calibrated.md.
 """
-import json
 import math
 import os
 import time
@@ -10,7 +9,7 @@ import time
 import torch
 
 from . import host
-from .common import ModelSetup, fresh_calibration_store, run_against_reference, write_json
+from .common import ModelSetup, fresh_calibration_store, read_merged, run_against_reference, write_json
 from .solvers import (EPS_MODELS, NETWORK_GRID, SAMPLERS, TIE, _ratio, available, sampler_object, schedule, settings,
                       steps_for)
 
@@ -379,14 +378,7 @@ def report_calibrated(data, title):
 
 def main_calibrated(p, args):
     if args.tables_from:
-        data = {"plan": {}, "rows": [], "calibrations": []}
-        for path in args.tables_from.split(","):
-            with open(path) as f:
-                part = json.load(f)
-            data["plan"].update(part["plan"])
-            data["rows"] += part["rows"]
-            data["calibrations"] += part["calibrations"]
-            data["run"] = part["run"]
+        data = read_merged(args.tables_from)
         report_calibrated(data, f"Calibrated solvers on the demo models ({args.tables_from})")
         return
     base = CAL_QUICK if args.quick else CAL_MODELS

@@ -24,6 +24,19 @@ def parser(description):
     return p
 
 
+def read_merged(paths):
+    """The --json outputs at the comma-separated paths merged: plans and lists joined, the last run's record."""
+    data = {"plan": {}, "rows": [], "calibrations": []}
+    for path in paths.split(","):
+        with open(path) as f:
+            part = json.load(f)
+        data["plan"].update(part["plan"])
+        data["rows"] += part["rows"]
+        data["calibrations"] += part.get("calibrations", [])
+        data["run"] = part.get("run", {})
+    return data
+
+
 def write_json(path, data):
     if path:
         with open(path, "w") as f:

@@ -31,7 +31,8 @@ import time
 import torch
 
 from . import host
-from .common import ModelSetup, fresh_calibration_store, parser, run_against_reference, write_json
+from .common import (ModelSetup, fresh_calibration_store, parser, read_merged, run_against_reference,
+                     write_json)
 from .solvers import SAMPLERS, STRIDE, TIE, available, sampler_object
 
 SOLVERS = ["euler", "dpmpp_2m", "uni_pc*", "stride_ghvb"]  # labels of bench.solvers
@@ -367,14 +368,7 @@ def main():
                    help="print the tables from earlier --json outputs (merged) instead of measuring")
     args = p.parse_args()
     if args.tables_from:
-        data = {"plan": {}, "rows": [], "calibrations": []}
-        for path in args.tables_from.split(","):
-            with open(path) as f:
-                part = json.load(f)
-            data["plan"].update(part["plan"])
-            data["rows"] += part["rows"]
-            data["calibrations"] += part["calibrations"]
-            data["run"] = part["run"]
+        data = read_merged(args.tables_from)
         seconds = f", measured in {data['run']['seconds']:.0f} s" if "seconds" in data["run"] else ""
         report(data, f"Optimized schedules beside ComfyUI's on the demo models ({args.tables_from}{seconds})")
         return
