@@ -9,15 +9,16 @@ Model evaluations are counted inside the model; ParaDiGMS's rounds and evaluatio
 fraction, are read from the nodes' own log lines.
 """
 import contextlib
-import json
 import logging
 import math
+import os
 import time
 
 import torch
 
 from . import host
-from .common import ModelSetup, fresh_calibration_store, parser, run_against_reference, write_json
+from .common import (ModelSetup, fresh_calibration_store, parser, read_merged, run_against_reference,
+                     write_json)
 
 SCHEDULER = {"eps": "karras", "flow": "simple"}
 EPS_MODELS = {"oracle_eps", "unet_small", "unet_large"}
@@ -33,13 +34,14 @@ ANCHORS = {"ParaDiGMS": "ParaDiGMS paper (Shih et al. 2023): 2-4x faster wall ti
 _ORACLE = {"seeds": [0, 1], "rtol": 1e-8, "digits": list(range(10)), "classes": [3, 7], "class_seeds": [0, 1, 2, 3],
            "steps": [10, 20], "windows": [4, 8], "tolerance": 0.1, "bottleneck": list(BOTTLENECK_SETTINGS),
            "skips": [0.1, 0.2, 0.3], "redi_steps": 10, "redi_kv": [(2, 4), (2, 5)], "teleport_samples": 32,
-           "redi_samples": 64, "repeats": 2, "methods": METHODS}
-_NETWORK = {**_ORACLE, "seeds": [0], "rtol": 1e-5, "class_seeds": [0, 1]}
+           "redi_samples": 64, "repeats": 2, "methods": METHODS, "paradigms_steps": [10, 20, 50]}
+_NETWORK = {**_ORACLE, "paradigms_steps": [10, 20], "seeds": [0], "rtol": 1e-5, "class_seeds": [0, 1]}
 MODELS = {"oracle_eps": _ORACLE, "oracle_flow": _ORACLE, "unet_small": _NETWORK, "dit_small": _NETWORK,
           "unet_large": _NETWORK, "dit_large": _NETWORK}
 DEFAULT = ["oracle_eps", "oracle_flow", "unet_small", "dit_small"]
 QUICK = {"oracle_eps": {**_ORACLE, "seeds": [0], "rtol": 1e-7, "classes": [3], "class_seeds": [0, 1], "steps": [10],
-                        "windows": [4], "bottleneck": ["default"], "skips": [0.2], "redi_kv": [(2, 4)],
+                        "paradigms_steps": [10], "windows": [4], "bottleneck": ["default"], "skips": [0.2],
+                        "redi_kv": [(2, 4)],
                         "teleport_samples": 8, "redi_samples": 8, "repeats": 1,
                         "methods": ["ParaDiGMS", "Bottleneck", "teleportation", "ReDi"]},
          "dit_small": {**_NETWORK, "rtol": 1e-4, "steps": [10], "bottleneck": ["default"], "repeats": 1,
@@ -108,7 +110,7 @@ def builtin(name):
 def measure_paradigms(runner, grid, rows):
     import nodes
     node = nodes.NODE_CLASS_MAPPINGS["StrideSamplerParaDiGMS"]
-    for steps in grid["steps"]:
+    for steps in grid.get("paradigms_steps", grid["steps"]):
         seq = runner.run(builtin("ddim"), steps, grid["repeats"])
         for window in grid["windows"]:
             row = {"method": "ParaDiGMS", "model": runner.name, "steps": steps, "window": window,
@@ -152,33 +154,37 @@ def measure_bottleneck(runner, grid, rows):
 class Calibrator:
     """Runs a calibrate node on one digit class (cost counted inside the model, wall time around execute)."""
 
-    def __init__(self, runner, digit, records):
-        self.runner, self.digit, self.records = runner, digit, records
+    def __init__(self, runner, digit, records, folder):
+        self.runner, self.digit, self.records, self.folder = runner, digit, records, folder
         self.positive = first_row(runner.setup.positive)
         self.latent = {"samples": torch.zeros(1, *runner.setup.noise.shape[1:])}
 
     def __call__(self, node_id, steps, samples, **options):
         import nodes
         model, counter = host.stride("nodes.counting").count_model_calls(self.runner.setup.model)
+        before = set(os.listdir(self.folder))
         start = time.perf_counter()
         with torch.inference_mode():
             text = nodes.NODE_CLASS_MAPPINGS[node_id].execute(model, self.positive, self.runner.setup.negative,
                                                               self.latent, CFG, self.runner.scheduler, steps, samples,
                                                               CAL_SEED, **options).result[0]
         record = {"node": node_id, "model": self.runner.name, "digit": self.digit, "steps": steps,
-                  "samples": samples, "options": {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},
+                  "samples": samples, "options": dict(options),
                   "evaluations": counter.nfe, "uncond_passes": counter.uncond,
                   "wall_seconds": time.perf_counter() - start}
-        data = json.loads(text) if text.lstrip().startswith("{") else {}
-        record["entries"] = (data.get("info") or {}).get("entries") if isinstance(data, dict) else None
+        new = sorted(set(os.listdir(self.folder)) - before)
+        info = host.stride("nodes.calibration_store").read(os.path.join(self.folder, new[0]))[1]["info"] \
+            if len(new) == 1 else {}
+        record.update({k: info.get(k) for k in ("entries", "error", "base_error")},
+                      node_evaluations=info.get("evaluations"), node_seconds=info.get("seconds"))
         self.records.append(record)
         return text
 
 
-def measure_teleport(runner, grid, digit, rows, records):
+def measure_teleport(runner, grid, digit, rows, records, folder):
     import nodes
     node = nodes.NODE_CLASS_MAPPINGS["StrideSamplerTeleport"]
-    calibrate = Calibrator(runner, digit, records)
+    calibrate = Calibrator(runner, digit, records, folder)
     samples = grid["teleport_samples"]
     rank = min(16, samples - 1)
     texts = {}
@@ -207,10 +213,10 @@ def measure_teleport(runner, grid, digit, rows, records):
                 rows.append({**base, "error": None, "note": f"{type(e).__name__}: {e}"})
 
 
-def measure_redi(runner, grid, digit, rows, records):
+def measure_redi(runner, grid, digit, rows, records, folder):
     import nodes
     node = nodes.NODE_CLASS_MAPPINGS["StrideSamplerReDi"]
-    calibrate = Calibrator(runner, digit, records)
+    calibrate = Calibrator(runner, digit, records, folder)
     steps, samples = grid["redi_steps"], grid["redi_samples"]
     full = runner.run(builtin("ddim"), steps)
     for key_step, value_step in grid["redi_kv"]:
@@ -232,7 +238,7 @@ def measure(plan, log=print):
     """(rows, calibrations) of every method of the plan on every model."""
     from .solvers import available
     rows, records = [], []
-    with fresh_calibration_store():
+    with fresh_calibration_store() as folder:
         for name in available(plan):
             grid = plan[name]
             start = time.perf_counter()
@@ -247,9 +253,9 @@ def measure(plan, log=print):
                 if "teleportation" in methods or "ReDi" in methods:
                     runner = Runner(name, grid["class_seeds"], [digit], grid["rtol"], 1)
                     if "teleportation" in methods:
-                        measure_teleport(runner, grid, digit, rows, records)
+                        measure_teleport(runner, grid, digit, rows, records, folder)
                     if "ReDi" in methods:
-                        measure_redi(runner, grid, digit, rows, records)
+                        measure_redi(runner, grid, digit, rows, records, folder)
             log(f"{name}: {time.perf_counter() - start:.0f} s")
     return rows, records
 
@@ -299,7 +305,7 @@ def bottleneck_table(rows):
             lines.append(f"{head} {_na(r)} | | | | | | {_err(b)} |")
             continue
         stages = ", ".join(f"{n} ({s[-2]}x{s[-1]})" for n, s in zip(r["stage_steps"], r["sizes"]))
-        lines.append(f"{head} {stages} | {r['nfe']} / {b['nfe']} | {100 * r['compute']:.0f}% | "
+        lines.append(f"{head} {stages} | {r['nfe']} / {b['nfe']} | {r['compute']:.0f}% | "
                      f"{r['seconds']:.3f} / {b['seconds']:.3f} | {r['wall_ratio']:.2f} | {_err(r)} | {_err(b)} |")
     return "\n".join(lines)
 
@@ -337,12 +343,16 @@ def redi_table(rows):
 
 
 def cost_table(records):
-    lines = ["| node | model | class | steps | samples | options | model evaluations (batch of samples) | seconds |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| node | model | class | steps | samples | options | model calls on the batch of samples (counted) | "
+             "node's own count / seconds | seconds | knowledge-base entries | in-sample error: calibrated / "
+             "uncalibrated |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in records:
         options = ", ".join(f"{k} {v}" for k, v in c["options"].items())
         lines.append(f"| {c['node']} | {c['model']} | {c['digit']} | {c['steps']} | {c['samples']} | {options} | "
-                     f"{c['evaluations']} | {c['wall_seconds']:.1f} |")
+                     f"{c['evaluations']} | {c.get('node_evaluations')} / {c.get('node_seconds')} | "
+                     f"{c['wall_seconds']:.1f} | "
+                     f"{c.get('entries') or ''} | " + (f"{c['error']:.3g} / {c['base_error']:.3g}"
+                                                       if c.get("error") is not None else "") + " |")
     return "\n".join(lines)
 
 
@@ -377,8 +387,12 @@ def report(data, title):
           "the same noise and conditioning. NFE and model calls counted inside the model (a CFG pair counts once). "
           "Wall times: the fastest of " + ", ".join(f"{m} {p['repeats']}" for m, p in plan.items()) +
           " runs, CPU, one thread, a shared 2-core machine. Evaluation images: "
-          + "; ".join(f"{m}: digits 0-9 x seeds {p['seeds']} (ParaDiGMS, Bottleneck), digit classes {p['classes']} x "
-                      f"seeds {p['class_seeds']} (teleportation, ReDi)" for m, p in plan.items()) +
+          + "; ".join(f"{m}: " + ", ".join(
+              ([f"digits 0-9 x seeds {p['seeds']} (ParaDiGMS, Bottleneck)"]
+               if {"ParaDiGMS", "Bottleneck"} & set(p["methods"]) else []) +
+              ([f"digit classes {p['classes']} x seeds {p['class_seeds']} (teleportation, ReDi; calibrated on "
+                f"{p['teleport_samples']} / {p['redi_samples']} noises)"]
+               if {"teleportation", "ReDi"} & set(p["methods"]) else [])) for m, p in plan.items()) +
           f". Calibrations: seed {CAL_SEED}, one digit class each, in a fresh calibration store.\n")
     print("### Anchors (the papers' numbers as quoted, beside the measured ones)\n")
     print("\n".join(anchors(rows)))
@@ -407,12 +421,7 @@ def main():
     p.add_argument("--tables-from", metavar="A.json,B.json", help="print the tables of earlier --json runs")
     args = p.parse_args()
     if args.tables_from:
-        data = {"plan": {}, "rows": [], "calibrations": []}
-        for path in args.tables_from.split(","):
-            with open(path) as f:
-                part = json.load(f)
-            for k in ("plan", "rows", "calibrations"):
-                data[k].update(part[k]) if k == "plan" else data[k].extend(part[k])
+        data = read_merged(args.tables_from)
         report(data, f"Structural accelerators on the demo models ({args.tables_from})")
         return
     models = args.models.split(",") if args.models else list(QUICK if args.quick else DEFAULT)

@@ -136,6 +136,11 @@ def fit_teleport(ctx, sigmas, options):
 
 
 def run_teleport(calibration, values, model, x, sigmas, extra_args, callback, disable, param, overrides):
+    if calibration["cfg"] is not None and calibration["cfg"] != 1.0:
+        logging.warning("Stride teleportation: the Gaussian follows the distribution of your samples, while "
+                        "classifier-free guidance (cfg %g) bends the early trajectory away from it (at high noise it "
+                        "extrapolates past the conditional mean); keep skip small and compare with plain sampling",
+                        calibration["cfg"])
     stats = (values["mu"], values["u"], values["lam"], values["lam_res"][0])
     skip = overrides.get("skip", 0.2)
     k = teleport.skip_index(sigmas, skip)
