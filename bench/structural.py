@@ -117,7 +117,7 @@ def measure_paradigms(runner, grid, rows):
                    "tolerance": grid["tolerance"], "baseline": seq}
             try:
                 with torch.inference_mode():
-                    sampler = node.execute(window, grid["tolerance"]).result[0]
+                    sampler = node.execute(window, grid["tolerance"], 1).result[0]  # DDIM steps
                 with captured_logs("Stride ParaDiGMS") as logs:
                     out = runner.run(sampler, steps, grid["repeats"])
                 log_steps, rounds, _, evaluations = logs[0][:4]

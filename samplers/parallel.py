@@ -8,7 +8,8 @@ It trades total model evaluations for fewer sequential rounds; it pays off only 
 """
 import torch
 
-from .core import VE, check_sigmas, exp_step, per_sample
+from .core import VE, History, check_sigmas, per_sample
+from .multistep import dpmpp_update
 
 
 def _check(window, tolerance, sigmas):
@@ -21,7 +22,7 @@ def _check(window, tolerance, sigmas):
 
 
 def sample_paradigms(model, x, sigmas, extra_args=None, callback=None, disable=None, param=VE, window=8,
-                     tolerance=0.1, stats=None):
+                     tolerance=0.1, stats=None, order=1):
     """ParaDiGMS sliding-window Picard iteration over DDIM (Shih et al. 2023, arXiv:2305.16317, Algorithm 1).
 
     Each round evaluates the model once on the window [b, b+p), p = min(window, steps - b): rows are stacked
@@ -35,10 +36,16 @@ def sample_paradigms(model, x, sigmas, extra_args=None, callback=None, disable=N
     e_j <= tolerance^2 (X[j+1] unchanged, so X_new[j+2] is final too); at least 1 (position b is exact).
     Positions past the old window start at its last value. window = 1 is the sequential DDIM, bit for bit.
 
+    order 1 steps with DDIM, order 2 with DPM-Solver++ 2M: a position's step also uses the model output of the
+    position before it, from the same round inside the window (the final one for the window's first position),
+    as the paper's multistep para-scheduler keeps a history per position.
+
     stats (a dict) receives "rounds" (sequential model calls), "evaluations" (positions evaluated, i.e.
     per-image model evaluations; >= steps) and "steps". The callback runs once per step, in order, when the
     step becomes final: x is its accepted state, denoised the model output of the round that finalised it."""
     _check(window, tolerance, sigmas)
+    if order not in (1, 2):
+        raise ValueError(f"Stride ParaDiGMS: order must be 1 (DDIM) or 2 (DPM-Solver++ 2M), got {order!r}")
     extra_args = {} if extra_args is None else extra_args
     sigmas = param.capped(sigmas)
     steps = len(sigmas) - 1
@@ -48,6 +55,7 @@ def sample_paradigms(model, x, sigmas, extra_args=None, callback=None, disable=N
     tol2 = float(tolerance) ** 2
     X = [x] * (steps + 1)                                # the Picard buffer, all x_T
     b, rounds, evaluations = 0, 0, 0
+    d_before = None  # the final model output of the position before the window (order 2)
     while b < steps:
         p = min(int(window), steps - b)
         # 1. One batched model call on the whole window, position-major rows.
@@ -58,9 +66,15 @@ def sample_paradigms(model, x, sigmas, extra_args=None, callback=None, disable=N
         # 2.-3. Step deltas and their cumulative sums from X[b] (exact Picard, zero noise).
         new = [X[b]]
         for j in range(p):
-            s, t = per_sample(sigmas[b + j], x), per_sample(sigmas[b + j + 1], x)
-            stepped = exp_step(param, X[b + j], s, t, [denoised[j]])
-            new.append(stepped if j == 0 else stepped + (new[j] - X[b + j]))
+            i = b + j
+            s, t = per_sample(sigmas[i], x), per_sample(sigmas[i + 1], x)
+            hist = History(2)
+            previous = denoised[j - 1] if j > 0 else d_before
+            if order == 2 and previous is not None:
+                hist.push(previous, param.lam(per_sample(sigmas[i - 1], x)))
+            hist.push(denoised[j], param.lam(s))
+            stepped = dpmpp_update(param, X[i], s, t, hist, len(hist), denoised[j])
+            new.append(stepped if j == 0 else stepped + (new[j] - X[i]))
         # 4. Error against the previous iterate, normalised by the step size, worst sample.
         err = torch.stack([((new[j + 1] - X[b + j + 1]).to(torch.float64) ** 2).reshape(batch, -1).mean(1).max()
                            for j in range(p)]) / scale2[b:b + p]
@@ -74,6 +88,7 @@ def sample_paradigms(model, x, sigmas, extra_args=None, callback=None, disable=N
             for j in range(advance):
                 i = b + j
                 callback({"x": X[i], "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised[j]})
+        d_before = denoised[advance - 1]
         b += advance
     if stats is not None:
         stats.update(rounds=rounds, evaluations=evaluations, steps=steps)

@@ -162,3 +162,18 @@ def test_zero_steps_returns_input(m):
     out = m.parallel.sample_paradigms(lambda *a, **k: pytest.fail("no model call"), x, torch.tensor([1.0]),
                                       stats=stats)
     assert torch.equal(out, x) and stats == {"rounds": 0, "evaluations": 0, "steps": 0}
+
+
+@pytest.mark.parametrize("flow", [False, True])
+def test_order_two_is_dpm_solver_pp_2m_picard(m, flow):
+    """order 2: window 1 is DPM-Solver++ 2M bit for bit; a large window with a tiny tolerance converges to it in
+    fewer rounds than steps; a bad order is refused."""
+    d, p = oracle(m, flow), m.core.FLOW if flow else m.core.VE
+    x, sigmas = start(flow, 0), schedule(m, flow, 20)
+    ref = m.multistep.sample_dpmpp(d, x, sigmas, param=p, order=2)
+    assert torch.equal(m.parallel.sample_paradigms(d, x, sigmas, param=p, window=1, order=2), ref)
+    stats = {}
+    out = m.parallel.sample_paradigms(d, x, sigmas, param=p, window=8, tolerance=1e-8, order=2, stats=stats)
+    assert float((out - ref).norm() / ref.norm()) < 1e-6 and stats["rounds"] < stats["steps"]
+    with pytest.raises(ValueError, match="order must be 1"):
+        m.parallel.sample_paradigms(d, x, sigmas, param=p, order=3)

@@ -30,10 +30,14 @@ def test_paradigms_matches_sequential_euler_in_fewer_rounds(node_class, caplog, 
     model, pos, neg, latent = demo(node_class, name)
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, 20)
     euler = sample(model, pos, neg, latent, comfy.samplers.sampler_object("euler"), sigmas)
-    exact = node_class("StrideSamplerParaDiGMS").execute(8, 1e-5).result[0]
+    exact = node_class("StrideSamplerParaDiGMS").execute(8, 1e-5, 1).result[0]
     torch.testing.assert_close(sample(model, pos, neg, latent, exact, sigmas), euler, rtol=1e-3, atol=1e-3)
+    two = sample(model, pos, neg, latent, node_class("StrideSamplerParaDiGMS").execute(8, 1e-5, 2).result[0], sigmas)
+    torch.testing.assert_close(two, sample(model, pos, neg, latent, comfy.samplers.sampler_object("stride_dpmpp_2m"),
+                                           sigmas), rtol=1e-3, atol=1e-3)
     with caplog.at_level(logging.INFO):
-        fast = sample(model, pos, neg, latent, node_class("StrideSamplerParaDiGMS").execute(8, 0.1).result[0], sigmas)
+        fast = sample(model, pos, neg, latent, node_class("StrideSamplerParaDiGMS").execute(8, 0.1, 1).result[0],
+                      sigmas)
     report = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Stride ParaDiGMS"))
     steps, rounds, evaluations = map(int, re.match(r"Stride ParaDiGMS: (\d+) steps in (\d+) sequential rounds .* "
                                                    r"with (\d+) model evaluations", report).groups())
