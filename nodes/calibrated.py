@@ -17,7 +17,7 @@ from ..samplers.core import check_sigmas
 from ..samplers.schedules.ays import ve_denoiser
 from ..samplers.schedules.common import mse, teacher_trajectory
 from . import calibration_store as store
-from .calibration import calibrate, conditioning_digest
+from .calibration import calibrate, conditioning_digest, model_samples
 from .sampler_bridge import model_param, sampler_object
 
 CATEGORY = "sampling/stride/calibration"
@@ -173,9 +173,7 @@ def fit_ems(ctx, sigmas, options):
     """DPM-Solver-v3's statistics from samples of the model (a UniPC-3 teacher at the user's cfg), on a lambda
     grid over the model's range (VE-ised: finite at a flow model's sigma = 1 cap); the error report on `sigmas`."""
     flow = ctx.param.flow
-    grid = torch.exp(torch.linspace(math.log(ctx.sigma_max if not flow else ctx.param.sigma_cap),
-                                    math.log(ctx.sigma_min), TEACHER_POINTS, dtype=torch.float64))
-    x0 = teacher_trajectory(ctx.denoiser, ctx.x, grid, flow)[0][-1]
+    x0 = model_samples(ctx, TEACHER_POINTS)
     to_lam = lambda s_: -math.log(s_ / (1 - s_)) if flow else -math.log(s_)
     top = min(ctx.sigma_max, ctx.param.sigma_cap) if flow else ctx.sigma_max
     lambdas = torch.linspace(to_lam(top), to_lam(ctx.sigma_min), EMS_POINTS, dtype=torch.float64)

@@ -14,7 +14,7 @@ import comfy.sample
 import comfy.samplers
 import comfy.utils
 
-from ..samplers.schedules.common import Counted
+from ..samplers.schedules.common import Counted, teacher_trajectory
 from .calibration_store import _digest
 from .sampler_bridge import model_param
 
@@ -46,6 +46,14 @@ def teacher_grid(model_sampling, points, flow):
     """A fine grid over the model's range: ComfyUI's `simple` (uniform in timestep) for flow models, `karras`
     for the others; the final 0 dropped."""
     return comfy.samplers.calculate_sigmas(model_sampling, "simple" if flow else "karras", points)[:-1].double()
+
+
+def model_samples(ctx, points=24):
+    """Samples of the user's model: its guided ODE solved from the calibration batch (Stride's UniPC-3 on `points`
+    sigmas log-spaced over the model's range, from a flow model's capped first sigma), then denoised."""
+    top = min(ctx.sigma_max, ctx.param.sigma_cap) if ctx.param.flow else ctx.sigma_max
+    grid = torch.exp(torch.linspace(math.log(top), math.log(ctx.sigma_min), points, dtype=torch.float64))
+    return teacher_trajectory(ctx.denoiser, ctx.x, grid, ctx.param.flow)[0][-1]
 
 
 def calibrate(model, positive, negative, latent, cfg, seed, samples, budget, label, fn, capped=True):

@@ -4,7 +4,6 @@ methods (a calibrate node, then a sampler node or text) on the machinery of node
 import functools
 import logging
 
-import torch
 
 from comfy_api.latest import io
 
@@ -14,6 +13,7 @@ from ..samplers.multistep import sample_ddim
 from ..samplers.schedules.common import mse, teacher_trajectory
 from . import calibrated
 from .calibrated import _calibrate, _calibrate_inputs, _sampler_node
+from .calibration import model_samples
 from .sampler_bridge import sampler_object
 
 CATEGORY = "sampling/stride/samplers"
@@ -125,17 +125,14 @@ TELEPORT_POINTS = 24  # the teacher solve that produces the model samples
 
 def fit_teleport(ctx, sigmas, options):
     """Gaussian statistics of samples of the model (a UniPC-3 teacher at the user's cfg and conditioning)."""
-    grid = torch.exp(torch.linspace(float(torch.log(torch.tensor(min(ctx.sigma_max, ctx.param.sigma_cap)
-                                                                   if ctx.param.flow else ctx.sigma_max))),
-                                    float(torch.log(torch.tensor(ctx.sigma_min))), TELEPORT_POINTS,
-                                    dtype=torch.float64))
-    samples = teacher_trajectory(ctx.denoiser, ctx.x, grid, ctx.param.flow)[0][-1]
+    samples = model_samples(ctx, TELEPORT_POINTS)
     mu, u, lam, lam_res = teleport.gaussian_stats(samples, options["rank"])
     values = {"mu": mu, "u": u, "lam": lam, "lam_res": lam_res.reshape(1)}
     reference = teacher_trajectory(ctx.denoiser, ctx.x, sigmas[:-1], ctx.param.flow, calibrated.REFINE)[0][-1]
     run = lambda skip: teleport.sample_teleport(ctx.denoiser, ctx.x, sigmas, param=ctx.param,
                                                 stats=(mu, u, lam, lam_res), skip=skip)
-    return values, {"error": float(mse(run(0.2), reference).mean()), "base_error": float(mse(run(0.0), reference).mean())}
+    return values, {"error": float(mse(run(0.2), reference).mean()),
+                    "base_error": float(mse(run(0.0), reference).mean())}
 
 
 def run_teleport(calibration, values, model, x, sigmas, extra_args, callback, disable, param, overrides):
