@@ -4,7 +4,6 @@ methods (a calibrate node, then a sampler node or text) on the machinery of node
 import functools
 import logging
 
-
 from comfy_api.latest import io
 
 from ..samplers import bottleneck, parallel, redi, teleport
