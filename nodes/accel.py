@@ -123,4 +123,85 @@ class StrideTStitch(io.ComfyNode):
         return io.NodeOutput(tstitch(model, small_model, fraction))
 
 
-NODES = [StrideTStitch]
+
+# --- adaptive step cache ------------------------------------------------------------------------------------------
+
+class StepCache:
+    """Adaptive step cache for any model, no calibration: per chunk (cond/uncond set and shape), the relative change
+    of the model input since the last computed call is accumulated; while it stays below `threshold` (inside the
+    progress window [start, end], at most `max_hits` reuses in a row) the call is answered with the last computed
+    ODE slope d = (x - D) / sigma, D = x - sigma d (the velocity or noise prediction held, as step caches reuse
+    model outputs). Resets at the start of every run; each run logs its hits and measured time."""
+
+    def __init__(self, threshold, start, end, max_hits):
+        self.threshold, self.start, self.end, self.max_hits = threshold, start, end, max_hits
+        self.reset()
+
+    def reset(self):
+        self.entries, self.hits, self.calls, self.seconds = {}, 0, 0, 0.0
+
+    def outer(self, executor, *args, **kwargs):
+        self.reset()
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            if self.calls:
+                logging.info("Stride step cache: %d of %d model calls answered from the cache (x%.2f fewer); "
+                             "%.2f s in the model", self.hits, self.calls, self.calls / max(self.calls - self.hits, 1),
+                             self.seconds)
+
+    def apply_model(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
+                    **kwargs):
+        self.calls += 1
+        key = (tuple(transformer_options.get("cond_or_uncond", [])), tuple(x.shape))
+        entry = self.entries.get(key)
+        sigma = t.reshape(-1, *[1] * (x.ndim - 1)).to(x.dtype)
+        p = progress(executor.class_obj.model_sampling, float(t.max()))
+        if entry is not None:
+            entry["change"] += float((x - entry["x"]).norm() / entry["x"].norm().clamp_min(1e-12))
+            entry["x"] = x
+            if (self.start <= p <= self.end and entry["change"] < self.threshold
+                    and entry["streak"] < self.max_hits):
+                entry["streak"] += 1
+                self.hits += 1
+                return x - sigma * entry["slope"]
+        start = time.perf_counter()
+        out = executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        self.seconds += time.perf_counter() - start
+        self.entries[key] = {"x": x, "slope": (x - out) / sigma, "change": 0.0, "streak": 0}
+        return out
+
+
+class StrideStepCache(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="StrideStepCache", display_name="Adaptive step cache (Stride)", category=CATEGORY,
+            description="Reuses the model's last prediction while the model input has changed little since the last "
+                        "computed call (accumulated relative change below the threshold), for any model and sampler, "
+                        "with no calibration. Cond and uncond passes and latent sizes are cached separately; the "
+                        "cache resets at every run, which logs its hits.",
+            inputs=[io.Model.Input("model", tooltip="The model to cache."),
+                    io.Float.Input("threshold", default=0.1, min=0.0, max=5.0, step=0.01,
+                                   tooltip="Accumulated relative input change below which the last prediction is "
+                                           "reused (0: never)."),
+                    io.Float.Input("start", default=0.2, min=0.0, max=1.0, step=0.05,
+                                   tooltip="No reuse before this point of the noise range (0 = pure noise)."),
+                    io.Float.Input("end", default=0.9, min=0.0, max=1.0, step=0.05,
+                                   tooltip="No reuse after this point of the noise range (the last, detail steps)."),
+                    io.Int.Input("max_hits", default=2, min=1, max=10,
+                                 tooltip="Reuses in a row at most before the model runs again.")],
+            outputs=[io.Model.Output(tooltip="The model with the step cache.")])
+
+    @classmethod
+    def execute(cls, model, threshold, start, end, max_hits) -> io.NodeOutput:
+        if start > end:
+            raise ValueError(f"Stride step cache: start ({start}) must not be after end ({end})")
+        cache = StepCache(threshold, start, end, max_hits)
+        patched = model.clone()
+        patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, "stride_step_cache", cache.outer)
+        patched.add_wrapper_with_key(WrappersMP.APPLY_MODEL, "stride_step_cache", cache.apply_model)
+        return io.NodeOutput(patched)
+
+
+NODES = [StrideTStitch, StrideStepCache]

@@ -58,3 +58,32 @@ def test_models_of_different_families_are_refused(node_class):
         node_class("StrideTStitch").execute(unet, dit, 0.4)
     with pytest.raises(ValueError, match="fraction must be in"):
         node_class("StrideTStitch").execute(unet, unet, 1.5)
+
+
+def cache(node_class, model, threshold, start=0.0, end=1.0, max_hits=2):
+    return node_class("StrideStepCache").execute(model, threshold, start, end, max_hits).result[0]
+
+
+@pytest.mark.parametrize("name,scheduler", [("unet_small", "karras"), ("dit_small", "simple")])
+def test_step_cache_off_is_the_model_and_on_reuses_with_a_cap(node_class, caplog, name, scheduler):
+    model, pos, neg, latent = demo(node_class, name)
+    plain = sample(model, pos, neg, latent, "euler", scheduler, steps=12)
+    torch.testing.assert_close(sample(cache(node_class, model, 0.0), pos, neg, latent, "euler", scheduler, steps=12),
+                               plain, rtol=0, atol=0)
+    with caplog.at_level(logging.INFO):
+        cached = sample(cache(node_class, model, 10.0, max_hits=1), pos, neg, latent, "euler", scheduler, steps=12)
+    report = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Stride step cache"))
+    hits, calls = map(int, re.match(r"Stride step cache: (\d+) of (\d+) model calls", report).groups())
+    assert calls == 12 and hits == 6  # with a cap of 1 and a high threshold, every other call is reused
+    assert torch.isfinite(cached).all() and not torch.equal(cached, plain)
+
+
+def test_step_cache_resets_per_run_and_survives_a_new_size(node_class):
+    model, pos, neg, latent = demo(node_class, "dit_small")
+    cached = cache(node_class, model, 0.5)
+    first = sample(cached, pos, neg, latent, "dpmpp_2m", "simple")
+    assert torch.equal(sample(cached, pos, neg, latent, "dpmpp_2m", "simple"), first)  # nothing carried over
+    big = {"samples": torch.zeros(2, latent["samples"].shape[1], 16, 16)}
+    assert torch.isfinite(sample(cached, pos, neg, big, "dpmpp_2m", "simple")).all()
+    with pytest.raises(ValueError, match="must not be after end"):
+        node_class("StrideStepCache").execute(model, 0.1, 0.8, 0.2, 2)
