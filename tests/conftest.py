@@ -42,6 +42,23 @@ def oracle_model(stride):
     return stride("nodes.oracle_model").build_oracle_model
 
 
+@pytest.fixture(scope="session")
+def guided_oracle(stride):
+    """guided_oracle(flow, labels, cfg) -> D(x, sigma): the exact oracle's guided denoiser in float64, VE or flow;
+    row r is conditioned on labels[r % len(labels)] (solvers and optimizers stack copies of a batch)."""
+    mixture = stride("nodes.oracle_model").load_mixture()
+
+    def make(flow, labels, cfg=3.0):
+        labels = torch.as_tensor(labels)
+
+        def denoise(x, sigma, **_):
+            sigma = torch.as_tensor(sigma, dtype=torch.float64).expand(x.shape[0])
+            alpha = 1 - sigma if flow else torch.ones_like(sigma)
+            return mixture.guided_denoise(x, sigma, alpha, labels.repeat(x.shape[0] // len(labels)), cfg)
+        return denoise
+    return make
+
+
 @pytest.fixture
 def calibration_store(stride, tmp_path):
     """A fresh calibration folder, first in the list (where calibrations are saved); removed after the test."""

@@ -11,12 +11,12 @@ F64 = torch.float64
 
 
 @pytest.fixture(scope="module")
-def m(stride):
+def m(stride, guided_oracle):
     class Modules:
+        guided = staticmethod(guided_oracle)
         core = stride("samplers.core")
         multistep = stride("samplers.multistep")
         bn = stride("samplers.bottleneck")
-        mixture = stride("nodes.oracle_model").load_mixture()
     return Modules
 
 
@@ -25,10 +25,7 @@ def param(m, flow):
 
 
 def oracle(m, flow, cfg=3.0):
-    def denoise(x, sigma, **_):
-        sigma = torch.as_tensor(sigma, dtype=F64)
-        return m.mixture.guided_denoise(x, sigma, 1 - sigma if flow else torch.ones_like(sigma), LABELS, cfg)
-    return denoise
+    return m.guided(flow, LABELS, cfg)
 
 
 def gaussian(m, flow, mu=2.0, c2=0.25, mean_image=None, calls=None):

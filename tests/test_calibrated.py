@@ -19,8 +19,9 @@ RANGES = {False: (0.0292, 14.6), True: (0.01, 1.0)}
 
 
 @pytest.fixture(scope="module")
-def m(stride):
+def m(stride, guided_oracle):
     class Modules:
+        guided = staticmethod(guided_oracle)
         core = stride("samplers.core")
         multistep = stride("samplers.multistep")
         common = stride("samplers.schedules.common")
@@ -28,16 +29,11 @@ def m(stride):
         iia = stride("samplers.calibrated.iia")
         Memo = stride("samplers.calibrated.memo").Memo
         ays = stride("samplers.schedules.ays")
-        mixture = stride("nodes.oracle_model").load_mixture()
     return Modules
 
 
 def oracle(m, flow, cfg=3.0, batch=8):
-    def denoise(x, sigma, **_):
-        sigma = torch.as_tensor(sigma, dtype=torch.float64).expand(x.shape[0])
-        labels = LABELS[:batch].repeat(x.shape[0] // batch)
-        return m.mixture.guided_denoise(x, sigma, 1 - sigma if flow else torch.ones_like(sigma), labels, cfg)
-    return denoise
+    return m.guided(flow, LABELS[:batch], cfg)
 
 
 def start(flow, seed, batch=8):

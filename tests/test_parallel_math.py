@@ -12,23 +12,19 @@ BATCH = 4
 
 
 @pytest.fixture(scope="module")
-def m(stride):
+def m(stride, guided_oracle):
     class Modules:
+        guided = staticmethod(guided_oracle)
         core = stride("samplers.core")
         multistep = stride("samplers.multistep")
         parallel = stride("samplers.parallel")
         common = stride("samplers.schedules.common")
-        mixture = stride("nodes.oracle_model").load_mixture()
     return Modules
 
 
 def oracle(m, flow, cfg=3.0, batch=BATCH):
     """The exact guided oracle (float64); row r carries the label of sample r % batch."""
-    def denoise(x, sigma, **_):
-        sigma = torch.as_tensor(sigma, dtype=torch.float64).expand(x.shape[0])
-        labels = LABELS[:batch].repeat(x.shape[0] // batch)
-        return m.mixture.guided_denoise(x, sigma, 1 - sigma if flow else torch.ones_like(sigma), labels, cfg)
-    return denoise
+    return m.guided(flow, LABELS[:batch], cfg)
 
 
 def start(flow, seed, batch=BATCH):

@@ -20,8 +20,9 @@ FLOW_RANGE = (0.01, 1.0)
 
 
 @pytest.fixture(scope="module")
-def m(stride):
+def m(stride, guided_oracle):
     class Modules:
+        guided = staticmethod(guided_oracle)
         core = stride("samplers.core")
         multistep = stride("samplers.multistep")
         reference = stride("samplers.reference")
@@ -37,11 +38,7 @@ def m(stride):
 def oracle(m, flow, cfg, batch=4):
     """The exact guided oracle (float64) in the VE or flow parameterization. Row r carries the label of sample
     r % batch (the optimizers stack several copies of a calibration batch of `batch` samples)."""
-    def denoise(x, sigma, **_):
-        sigma = torch.as_tensor(sigma, dtype=torch.float64)
-        labels = LABELS[:batch].repeat(x.shape[0] // batch)
-        return m.mixture.guided_denoise(x, sigma, 1 - sigma if flow else torch.ones_like(sigma), labels, cfg)
-    return denoise
+    return m.guided(flow, LABELS[:batch], cfg)
 
 
 def noise(batch, seed):

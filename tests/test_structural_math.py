@@ -1,5 +1,4 @@
 """Analytical teleportation and ReDi trajectory retrieval, pure math on plain tensors and the exact oracle."""
-import math
 
 import pytest
 import torch
@@ -8,23 +7,19 @@ LABELS = torch.full((8,), 3)  # one class: the calibration samples and the runs 
 
 
 @pytest.fixture(scope="module")
-def m(stride):
+def m(stride, guided_oracle):
     class Modules:
+        guided = staticmethod(guided_oracle)
         core = stride("samplers.core")
         multistep = stride("samplers.multistep")
         common = stride("samplers.schedules.common")
         tp = stride("samplers.teleport")
         redi = stride("samplers.redi")
-        mixture = stride("nodes.oracle_model").load_mixture()
     return Modules
 
 
 def oracle(m, flow):
-    def denoise(x, sigma, **_):
-        sigma = torch.as_tensor(sigma, dtype=torch.float64).expand(x.shape[0])
-        alpha = 1 - sigma if flow else torch.ones_like(sigma)
-        return m.mixture.guided_denoise(x, sigma, alpha, LABELS.repeat(x.shape[0] // 8), 3.0)
-    return denoise
+    return m.guided(flow, LABELS, 3.0)
 
 
 def noise(flow, seed, batch=8):
