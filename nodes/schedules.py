@@ -50,12 +50,12 @@ def student_of(sampler, param):
     if sampler in KSAMPLERS and KSAMPLERS[sampler][0] in DIFFERENTIABLE:
         fn, options = KSAMPLERS[sampler]
         return fn, {**options, "param": param}
-    ve = VE  # ComfyUI's dpmpp_2m / uni_pc step in -log sigma on every model
-    if sampler in ("dpmpp_2m",):
-        return multistep.sample_dpmpp, {"order": 2, "param": ve}
+    # ComfyUI's dpmpp_2m / uni_pc step in -log sigma on every model: their twins use VE
+    if sampler == "dpmpp_2m":
+        return multistep.sample_dpmpp, {"order": 2, "param": VE}
     if sampler in ("uni_pc", "uni_pc_bh2"):
         return multistep.sample_unipc, {"order": 3, "variant": "bh2" if sampler.endswith("bh2") else "bh1",
-                                        "param": ve}
+                                        "param": VE}
     if sampler not in ("euler", "ddim"):
         logging.info("Stride LD3: %s has no differentiable twin; its times are learned with DDIM (Euler) steps",
                      sampler)
@@ -199,7 +199,8 @@ class StrideScheduleAYS(io.ComfyNode):
                 denoise, initial) -> io.NodeOutput:
         check_steps(steps, "AYS")
         candidates, points = 4, 2
-        need(budget, 1 + TEACHER_POINTS + (steps - 1) * (candidates + 1) * 4 * points, "AYS", f"one sweep of {steps} steps")
+        need(budget, 1 + TEACHER_POINTS + (steps - 1) * (candidates + 1) * 4 * points, "AYS",
+             f"one sweep of {steps} steps")
 
         def fit(ctx, ms):
             init = initial_schedule(ms, ctx.param.flow, initial, steps)
@@ -304,10 +305,11 @@ class StrideScheduleFromText(io.ComfyNode):
         if model is not None:
             ms = model.get_model_object("model_sampling")
             check_range(sigmas, float(ms.sigma_min), float(ms.sigma_max), "schedule")
-            if meta.get("model") and meta["model"] != store.fingerprint(model)["id"]:
+            model_id = store.fingerprint(model)["id"]
+            if meta.get("model") and meta["model"] != model_id:
                 logging.warning("Stride schedule: this schedule was optimized for another model (%s, this is %s); "
                                 "it stays a valid schedule but is not fitted to this one",
-                                meta["model"], store.fingerprint(model)["id"])
+                                meta["model"], model_id)
         if steps:
             sigmas = resample(sigmas, steps)
         sigmas = with_denoise(sigmas, denoise)
