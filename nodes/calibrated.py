@@ -11,6 +11,7 @@ import torch
 import comfy.samplers
 from comfy_api.latest import io
 
+from ..samplers import multistep
 from ..samplers.calibrated import dc_solver, dpm_solver_v3, iia
 from ..samplers.calibrated.memo import Memo
 from ..samplers.core import check_sigmas
@@ -217,35 +218,36 @@ def find_stored(method, model_patcher, sigmas, cfg):
     return None, "; ".join(reasons) or "none is stored for this model"
 
 
-def ksampler_function(method, fallback):
+# The uncalibrated base each calibrated KSampler name falls back to: (function, options)
+BASES = {"dc_solver": (multistep.sample_unipc, {"order": 2, "variant": "bh2"}),
+         "iia": (multistep.sample_dpmpp, {"order": 2}),
+         "dpm_solver_v3": (multistep.sample_unipc, {"order": 2, "variant": "bh2"})}
+
+
+def ksampler_function(method):
     """The function behind a `stride_*` calibrated KSampler name: a stored calibration for the model and
     schedule of this run if there is one (logged), otherwise the uncalibrated base solver (logged, with why)."""
     def sample(model, x, sigmas, extra_args=None, callback=None, disable=None):
         check_sigmas(sigmas, METHODS[method])
         guider = model.inner_model
-        calibration, why = find_stored(method, guider.model_patcher, sigmas, float(getattr(guider, "cfg", 1.0)))
+        cfg = float(getattr(guider, "cfg", 1.0))
+        calibration, why = find_stored(method, guider.model_patcher, sigmas, cfg)
         if calibration is None:
             logging.warning("Stride %s: no calibration fits this run (%s); sampling with the uncalibrated base "
                             "solver. Run the 'Calibrate %s (Stride)' node for this model, schedule and cfg.",
                             METHODS[method], why, METHODS[method])
-            return fallback(model, x, sigmas, extra_args, callback, disable)
-        logging.info("Stride %s: using the stored calibration for model %s (%d steps, cfg %g)", METHODS[method],
-                     calibration["model"], len(calibration["sigmas"]) - 1, calibration["cfg"])
+            fn, options = BASES[method]
+            return fn(model, x, sigmas, extra_args, callback, disable, param=model_param(model), **options)
+        logging.info("Stride %s: using the stored calibration for model %s (this run: %d steps, cfg %g)",
+                     METHODS[method], calibration["model"], len(sigmas) - 1, cfg)
         return run_calibrated(method, calibration, model, x, sigmas, extra_args, callback, disable)
     return sample
 
 
-def _fallbacks():
-    from ..samplers import multistep
-    return {"dc_solver": lambda *a: multistep.sample_unipc(*a, param=model_param(a[0]), order=2, variant="bh2"),
-            "iia": lambda *a: multistep.sample_dpmpp(*a, param=model_param(a[0]), order=2),
-            "dpm_solver_v3": lambda *a: multistep.sample_unipc(*a, param=model_param(a[0]), order=2, variant="bh2")}
-
-
 # `stride_*` KSampler names that use a stored calibration for the model they run on (never rename one)
-KSAMPLERS = {"stride_dc_solver": (ksampler_function("dc_solver", _fallbacks()["dc_solver"]), {}),
-             "stride_iia_dpmpp_2m": (ksampler_function("iia", _fallbacks()["iia"]), {}),
-             "stride_dpm_solver_v3": (ksampler_function("dpm_solver_v3", _fallbacks()["dpm_solver_v3"]), {})}
+KSAMPLERS = {"stride_dc_solver": (ksampler_function("dc_solver"), {}),
+             "stride_iia_dpmpp_2m": (ksampler_function("iia"), {}),
+             "stride_dpm_solver_v3": (ksampler_function("dpm_solver_v3"), {})}
 
 
 def _calibrate_inputs(extra):

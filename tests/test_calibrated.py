@@ -405,6 +405,13 @@ def test_cpr_calibration_predicts_ratios_for_new_steps_and_cfg(node_class, store
         out = sample(model, pos, neg, latent, sampler, comfy.samplers.calculate_sigmas(ms, "karras", 7), cfg=2.0)
     assert torch.isfinite(out).all()
     assert any("CPR ratios for 7 steps at cfg 2" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):  # the KSampler name finds the CPR fit for any steps and cfg of its scheduler
+        by_name = sample(model, pos, neg, latent, comfy.samplers.sampler_object("stride_dc_solver"),
+                         comfy.samplers.calculate_sigmas(ms, "karras", 7), cfg=2.0)
+    assert torch.equal(by_name, out)
+    assert any("using the stored calibration" in r.getMessage() and "this run: 7 steps, cfg 2" in r.getMessage()
+               for r in caplog.records)
     with pytest.raises(ValueError, match="its CPR fit is for the karras scheduler"):
         sample(model, pos, neg, latent, sampler, comfy.samplers.calculate_sigmas(ms, "exponential", 7))
     with pytest.raises(ValueError, match="cfg_list must be comma-separated numbers"):
