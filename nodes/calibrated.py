@@ -326,13 +326,14 @@ class StrideCalibrateDCSolver(io.ComfyNode):
                                         samples, seed, sigmas, {"solver": solver}, REFINE + 12))
 
 
-def parse_floats(text, what):
+def parse_floats(text, what, label="DC-Solver CPR"):
+    """The numbers of a comma- (or semicolon-) separated widget text, with a clear error naming the input."""
     try:
         values = [float(v) for v in text.replace(";", ",").split(",") if v.strip()]
     except ValueError:
-        raise ValueError(f"Stride DC-Solver CPR: {what} must be comma-separated numbers, got {text!r}") from None
+        raise ValueError(f"Stride {label}: {what} must be comma-separated numbers, got {text!r}") from None
     if not values:
-        raise ValueError(f"Stride DC-Solver CPR: list at least one value in {what}")
+        raise ValueError(f"Stride {label}: list at least one value in {what}")
     return values
 
 

@@ -11,7 +11,7 @@ from ..samplers.core import VE
 from ..samplers.multistep import sample_ddim
 from ..samplers.schedules.common import mse, teacher_trajectory
 from . import calibrated
-from .calibrated import _calibrate, _calibrate_inputs, _sampler_node
+from .calibrated import _calibrate, _calibrate_inputs, _sampler_node, parse_floats
 from .calibration import model_samples
 from .sampler_bridge import sampler_object
 
@@ -80,7 +80,7 @@ def sample_bottleneck_logged(model, x, sigmas, extra_args=None, callback=None, d
 
 
 def _floats(text, n, what):
-    values = [float(v) for v in text.replace(";", ",").split(",") if v.strip()]
+    values = parse_floats(text, what, "Bottleneck")
     if len(values) != n:
         raise ValueError(f"Stride Bottleneck: {what} needs {n} comma-separated numbers (one per stage), got {text!r}")
     return tuple(values)

@@ -71,6 +71,8 @@ def test_bottleneck_runs_the_middle_small_and_returns_full_size(node_class, capl
     assert any("Stride Bottleneck: stages of [2, 6, 2] steps" in r.getMessage() for r in caplog.records)
     with pytest.raises(ValueError, match="fractions needs 3 comma-separated numbers"):
         node_class("StrideSamplerBottleneck").execute(0.5, "0.5, 0.5", "1, 0.8, 0.6", "1, 1, 1")
+    with pytest.raises(ValueError, match="Bottleneck: shifts must be comma-separated numbers"):
+        node_class("StrideSamplerBottleneck").execute(0.5, "0.2, 0.6, 0.2", "1, 0.8, 0.6", "1, high, 1")
     odd = {"samples": torch.zeros(2, latent["samples"].shape[1], 6, 6)}
     with pytest.raises(ValueError, match="6x6"):
         sample(model, pos, neg, odd, node_class("StrideSamplerBottleneck").execute(0.5, "0.2, 0.6, 0.2",
