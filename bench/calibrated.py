@@ -126,7 +126,7 @@ class Calibrations:
             return None, f"{type(e).__name__}: {e}"
         wall = time.perf_counter() - start
         new = sorted(set(os.listdir(self.folder)) - before)
-        info = store.read(os.path.join(self.folder, new[0]))[1]["info"] if len(new) == 1 else {}
+        info = store.read(os.path.join(self.folder, new[0]), tensors=False)[1]["info"] if len(new) == 1 else {}
         self.records.append({"model": self.setup.name, "cfg": self.cfg, "method": method, "serves": serves,
                              "steps": steps, "nfe": nfe if serves == "nfe" else None, "samples": self.samples,
                              "evaluations": counter.nfe, "uncond_passes": counter.uncond, "wall_seconds": wall,

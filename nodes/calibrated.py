@@ -200,7 +200,7 @@ def find_stored(method, model_patcher, sigmas, cfg):
     reasons = []
     for path in sorted(store.paths(method), key=os.path.getmtime, reverse=True):  # the newest first
         try:
-            _, meta = store.read(path)
+            _, meta = store.read(path, tensors=False)
         except Exception as e:  # damaged files are reported, never fatal
             reasons.append(f"{path} unreadable ({e})")
             continue

@@ -94,11 +94,11 @@ def save(method, settings, fp, tensors, info=None):
     return path
 
 
-def read(path):
-    """(tensors, metadata) of a calibration file."""
+def read(path, tensors=True):
+    """(tensors, metadata) of a calibration file; tensors=False reads the metadata alone (tensors is then {})."""
     with safe_open(path, framework="pt") as f:
         meta = json.loads((f.metadata() or {}).get("stride", "{}"))
-        return {k: f.get_tensor(k) for k in f.keys()}, meta
+        return ({k: f.get_tensor(k) for k in f.keys()} if tensors else {}), meta
 
 
 def paths(method):
@@ -120,7 +120,7 @@ def find(method, settings, fp):
         if not path.endswith(f"-{want}.safetensors"):
             continue
         try:
-            tensors, meta = read(path)
+            _, meta = read(path, tensors=False)
         except Exception as e:  # a damaged file is reported and skipped, never fatal
             logging.warning("Stride calibration: cannot read %s (%s); ignoring it", path, e)
             continue
@@ -135,7 +135,7 @@ def find(method, settings, fp):
             logging.info("Stride calibration: %s has these settings but was made for another model (%s differ); "
                          "not used", path, diff)
             continue
-        return tensors, meta, path
+        return read(path)[0], meta, path  # the tensors of the one file that fits
     return None
 
 
