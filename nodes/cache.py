@@ -108,11 +108,11 @@ class Cache:
         if chunk == next(iter(self.index)):  # the sigmas of the run's calls, as the first chunk saw them
             self.call_sigmas.append(sigma)
         p = progress(executor.class_obj.model_sampling, sigma)
-        self.current = {"chunk": chunk, "index": index, "progress": p, "reused": 0, "skip_rest": False}
+        self.current = {"chunk": chunk, "index": index, "progress": p, "reused": 0, "skip_rest": False,
+                        "sample_sigmas": transformer_options.get("sample_sigmas")}
         sigma_b = t.reshape(-1, *[1] * (x.ndim - 1)).to(x.dtype)
         self.calls += 1
-        if self.policy is not None and chunk in self.slopes and self.slopes[chunk].shape == x.shape \
-                and self.policy.step(self, chunk, x, sigma, p):
+        if self.policy is not None and self.policy.step(self, chunk, x, sigma, p) and chunk in self.slopes:
             self.call_hits += 1
             return x - sigma_b * self.slopes[chunk]
         start = time.perf_counter()
@@ -184,11 +184,15 @@ class PlanPolicy:
         self.reset()
 
     def reset(self):
-        self.pointer, self.matched, self.unmatched = {}, {}, 0
+        self.pointer, self.unmatched, self.fits = {}, 0, None
 
-    def match(self, chunk, sigma):
-        start = self.pointer.get(chunk, 0)
-        for j in range(start, len(self.call_sigmas)):
+    def known(self, sigma):
+        return any(abs(s - sigma) <= 1e-4 * max(abs(sigma), 1e-3) for s in self.call_sigmas)
+
+    def match(self, chunk, sigma, sample_sigmas):
+        if self.fits is None:  # the run's schedule: every step's sigma must be one the plan was made on
+            self.fits = sample_sigmas is None or all(self.known(float(s)) for s in sample_sigmas if float(s) > 0)
+        for j in range(self.pointer.get(chunk, 0), len(self.call_sigmas) if self.fits else 0):
             if abs(self.call_sigmas[j] - sigma) <= 1e-4 * max(abs(sigma), 1e-3):
                 self.pointer[chunk] = j + 1
                 return j
@@ -200,7 +204,7 @@ class PlanPolicy:
                 "schedule)" if self.unmatched else "")
 
     def step(self, cache, chunk, x, sigma, p):
-        t = self.match(chunk, sigma)
+        t = self.match(chunk, sigma, cache.current["sample_sigmas"])
         cache.current["plan_index"] = t
         return t is not None and bool(self.plan.gate[t])
 

@@ -99,8 +99,8 @@ class Plan:
         self.units, self.families = list(units), list(families)
         self.cache, self.gate = cache.clone(), gate.clone()
         for t in range(1, len(gate)):
-            if gate[t - 1]:
-                self.cache[t] = False
+            if self.gate[t - 1]:
+                self.cache[t] = self.gate[t] = False
 
     def cached(self, t, unit):
         if t >= len(self.gate):
@@ -122,7 +122,7 @@ class Plan:
     @classmethod
     def from_json(cls, data):
         units, cache, gate = data["units"], data["cache"], data["gate"]
-        if len(cache) != len(gate) or any(len(row) != len(units) or set(row) - {"0", "1"} for row in cache) \
+        if len(cache) != len(gate) or len(data["families"]) != len(units) or any(len(row) != len(units) or set(row) - {"0", "1"} for row in cache) \
                 or set(gate) - {"0", "1"}:
             raise ValueError("the cache plan's rows do not fit its units and calls")
         mask = torch.tensor([[c == "1" for c in row] for row in cache], dtype=torch.bool).reshape(len(gate), len(units))
