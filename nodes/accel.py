@@ -69,7 +69,7 @@ class TStitch:
         start = time.perf_counter()
         if self.fraction >= 1.0 or progress(ms, float(t.max())) < self.fraction:
             out = self.small.model.apply_model(x, t, c_concat=c_concat, c_crossattn=c_crossattn, control=control,
-                                               transformer_options=without_self(transformer_options), **kwargs)
+                                               transformer_options=small_options(self.small, transformer_options), **kwargs)
             self.small_calls += 1
             self.small_seconds += time.perf_counter() - start
             return out
@@ -79,14 +79,16 @@ class TStitch:
         return out
 
 
-def without_self(transformer_options):
-    """The run's options without this wrapper, for the small model's own apply_model (no recursion)."""
-    wrappers = transformer_options.get("wrappers", {})
-    mine = wrappers.get(WrappersMP.APPLY_MODEL, {})
-    if KEY not in mine:
-        return transformer_options
-    others = {k: v for k, v in mine.items() if k != KEY}
-    return {**transformer_options, "wrappers": {**wrappers, WrappersMP.APPLY_MODEL: others}}
+PER_MODEL = ("wrappers", "patches", "patches_replace")
+
+
+def small_options(small, transformer_options):
+    """The run's options for a call of the small model: its own wrappers and patches in place of the large model's
+    (which may include this wrapper, caches keyed by the large model's blocks, or compiled modules)."""
+    own = small.model_options.get("transformer_options", {})
+    options = {k: v for k, v in transformer_options.items() if k not in PER_MODEL}
+    options.update({k: own[k] for k in PER_MODEL if k in own})
+    return options
 
 
 def tstitch(large, small, fraction):
