@@ -9,6 +9,8 @@ from .oracle_model import build_oracle_model, digit_conditioning, load_mixture
 
 ORACLES = {"oracle_eps": "eps", "oracle_flow": "flow"}
 MODELS = [*ORACLES, *neural_models.SPECS]
+OWN, LARGE_SIBLINGS = "own", "large sibling's"
+CONDITIONINGS = [OWN, LARGE_SIBLINGS]
 
 
 def parse_digits(digits):
@@ -18,8 +20,15 @@ def parse_digits(digits):
     return [int(c) for c in text]
 
 
-def load_demo_model(model, labels, shift, zero_terminal_snr):
-    """(ModelPatcher, positive, negative) for a demo model and digit labels."""
+def load_demo_model(model, labels, shift, zero_terminal_snr, conditioning=OWN):
+    """(ModelPatcher, positive, negative) for a demo model and digit labels. With conditioning "large sibling's",
+    a small network re-expressed to take its large sibling's conditioning, and that conditioning (for T-Stitch)."""
+    if conditioning not in CONDITIONINGS:
+        raise ValueError(f"conditioning must be one of {CONDITIONINGS}; got {conditioning!r}")
+    if conditioning == LARGE_SIBLINGS and not (model in neural_models.SPECS and model.endswith("_small")):
+        raise ValueError(f"conditioning \"{LARGE_SIBLINGS}\" applies to small models only (unet_small, dit_small), "
+                         f"to stitch them with their large sibling; {model} has no large sibling to adopt "
+                         "the conditioning of (use \"own\")")
     if model in ORACLES:
         patcher = build_oracle_model(ORACLES[model], shift, zero_terminal_snr)
         return patcher, digit_conditioning(labels), digit_conditioning([-1])
@@ -27,6 +36,10 @@ def load_demo_model(model, labels, shift, zero_terminal_snr):
         raise ValueError(f"shift and zero_terminal_snr are options of the oracle models; {model} keeps the "
                          "schedule it was trained with (use ComfyUI's ModelSampling nodes to change it)")
     patcher, embedding = neural_models.load_model(model)
+    if conditioning == LARGE_SIBLINGS:
+        large = model[:-len("_small")] + "_large"
+        patcher = neural_models.adopt_conditioning(patcher, model, large)
+        embedding = neural_models.load_embedding(large)
     return patcher, embedding.conditioning(labels), embedding.conditioning([neural_models.NULL_LABEL])
 
 
@@ -58,6 +71,13 @@ class StrideDemoModel(io.ComfyNode):
                 io.Boolean.Input("zero_terminal_snr", default=False,
                                  tooltip="oracle_eps only: rescale the SD1.5 schedule to zero terminal SNR "
                                          "(like ModelSamplingDiscrete's zsnr), so sampling starts from pure noise."),
+                io.Combo.Input("conditioning", options=CONDITIONINGS, default=OWN, optional=True,
+                               tooltip="unet_small / dit_small only, for stitching the small model with its large "
+                                       "sibling (T-Stitch), where one conditioning feeds both models. own: the "
+                                       "model's own digit embedding. large sibling's: the small model re-expressed, "
+                                       "exactly and without training, to take the large model's conditioning; "
+                                       "outputs that conditioning, so the positive/negative of either loader feed "
+                                       "both models."),
             ],
             outputs=[
                 io.Model.Output(tooltip="The demo model."),
@@ -68,9 +88,9 @@ class StrideDemoModel(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, digits, repeats, shift, zero_terminal_snr=False):
+    def execute(cls, model, digits, repeats, shift, zero_terminal_snr=False, conditioning=OWN):
         labels = [d for d in parse_digits(digits) for _ in range(repeats)]
-        patcher, positive, negative = load_demo_model(model, labels, shift, zero_terminal_snr)
+        patcher, positive, negative = load_demo_model(model, labels, shift, zero_terminal_snr, conditioning)
         latent = {"samples": torch.zeros(len(labels), *LATENT_SHAPE)}
         return io.NodeOutput(patcher, positive, negative, latent)
 

@@ -114,10 +114,103 @@ def load_model(name):
     if missing or unexpected:
         raise ValueError(f"{path} does not match the {name} architecture (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}); retrain with demo/train.py")
+    return _patcher(model), embedding
+
+
+def _patcher(model):
     model.diffusion_model.requires_grad_(False)  # inference only (samplers without no_grad would keep graphs)
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
-                                               offload_device=comfy.model_management.unet_offload_device())
-    return patcher, embedding
+    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=comfy.model_management.unet_offload_device())
+
+
+def load_embedding(name):
+    """The LabelEmbedding of `name` alone (without building its network)."""
+    from safetensors import safe_open
+    path = weights_path(name)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"Stride model weights {path} are missing: run `.venv/bin/python -m demo.train`")
+    embedding = label_embedding_for(name)
+    with safe_open(path, "pt") as f:
+        embedding.load_state_dict({k[len("embedding."):]: f.get_tensor(k).float() for k in f.keys()
+                                   if k.startswith("embedding.")})
+    return embedding
+
+
+# Stitching a small model with its large sibling (T-Stitch) needs one conditioning for both. The condition
+# reaches each network only through linear layers applied to it first, so a linear map A with
+# A e_large(label) = e_small(label) for all 11 labels, folded into those layers (W' = W A), makes the small
+# network compute on the large embedding exactly what it computed on its own. 11 rows in C >= 11 dimensions:
+# exact up to float rounding.
+MAX_MAP_RESIDUAL = 1e-4
+
+
+def sibling_pair(small_name, large_name):
+    """Check that (small_name, large_name) is a small model and its large sibling of one family."""
+    for name in (small_name, large_name):
+        if name not in SPECS:
+            raise ValueError(f"unknown Stride model {name!r}; shared conditioning pairs the trained models "
+                             f"{list(SPECS)}")
+    family = SPECS[small_name]["family"]
+    if small_name != f"{family}_small" or large_name != f"{family}_large":
+        raise ValueError(f"shared conditioning maps a small model onto its large sibling of the same family "
+                         f"(unet_small -> unet_large, dit_small -> dit_large); got {small_name} -> {large_name}")
+
+
+def conditioning_maps(small_name, large_name):
+    """{part: (A, relative residual)} for the embedding's parts ("context", and "pooled" for the DiT): the
+    [C, C] float64 map with A e_large = e_small on all 11 label rows (minimum-norm least squares); a
+    ValueError when a map is not exact to MAX_MAP_RESIDUAL."""
+    sibling_pair(small_name, large_name)
+    small, large = load_embedding(small_name), load_embedding(large_name)
+    maps = {}
+    for part in ("context", "pooled"):
+        if getattr(small, part) is None:
+            continue
+        e_small = getattr(small, part).weight.detach().double()
+        e_large = getattr(large, part).weight.detach().double()
+        a_t = torch.linalg.lstsq(e_large, e_small, driver="gelsd").solution  # e_large @ A^T = e_small
+        residual = ((e_large @ a_t - e_small).norm() / e_small.norm()).item()
+        if not residual <= MAX_MAP_RESIDUAL:
+            raise ValueError(f"the {large_name} {part} embedding cannot be mapped exactly onto the {small_name} one "
+                             f"(relative residual {residual:.2e} > {MAX_MAP_RESIDUAL:g}): its label rows are not "
+                             "linearly independent")
+        maps[part] = (a_t.T.contiguous(), residual)
+    return maps
+
+
+def conditioning_inputs(diffusion_model, family):
+    """{part: [Linear]}: the layers that first see each part of the conditioning (every cross-attention's
+    to_k / to_v for the UNet's context; the DiT's txt_in for the context and vector_in.in_layer for the pooled
+    vector)."""
+    if family == "dit":
+        return {"context": [diffusion_model.txt_in], "pooled": [diffusion_model.vector_in.in_layer]}
+    from comfy.ldm.modules.attention import BasicTransformerBlock
+    blocks = [m for m in diffusion_model.modules() if isinstance(m, BasicTransformerBlock)]
+    return {"context": [layer for b in blocks for layer in (b.attn2.to_k, b.attn2.to_v)]}
+
+
+def adopt_conditioning(small, small_name, large_name):
+    """A new ModelPatcher of the small model `small` (a ModelPatcher or BaseModel of `small_name`) re-expressed to
+    take the conditioning of `large_name` (its large sibling): the map A of each conditioning part folded into
+    the layers that first see it (W' = W A), on a fresh copy of the weights (`small` is left untouched)."""
+    sibling_pair(small_name, large_name)
+    maps = conditioning_maps(small_name, large_name)
+    source = getattr(small, "model", small)
+    folded = build_base_model(small_name)
+    try:
+        folded.diffusion_model.load_state_dict(source.diffusion_model.state_dict())
+    except RuntimeError as error:
+        raise ValueError(f"the model given to adopt_conditioning is not a {small_name}: {error}") from None
+    layers = conditioning_inputs(folded.diffusion_model, SPECS[small_name]["family"])
+    with torch.no_grad():
+        for part, (a, _) in maps.items():
+            if not layers.get(part):
+                raise ValueError(f"{small_name}: no layer takes the {part} conditioning")
+            for layer in layers[part]:
+                if layer.weight.shape[1] != a.shape[0]:
+                    raise ValueError(f"{small_name}: {part} layer of width {layer.weight.shape[1]}, map of {a.shape[0]}")
+                layer.weight.copy_((layer.weight.double() @ a).to(layer.weight.dtype))
+    return _patcher(folded)
 
 
 def weights_metadata(name):
