@@ -8,7 +8,7 @@ PIN     := -c constraints.txt
 COMFY   := .comfyui/ComfyUI
 STAMP   := .venv/.stride-deps
 
-.PHONY: demo test bench setup browser clean
+.PHONY: demo test bench bench-accel setup browser clean
 
 demo: setup
 	$(PY) -m bench.demo
@@ -27,6 +27,10 @@ bench: setup  # the full sampler benchmark, one model family per run, then the m
 bench-schedules: setup  # schedule optimizers vs ComfyUI's schedulers and the AYS/GITS tables (docs/bench_schedules.md)
 	mkdir -p bench/out
 	$(PY) -m bench.schedules --json bench/out/schedules.json
+
+bench-accel: setup  # caches and T-Stitch vs the uncached model, EasyCache and LazyCache (docs/bench_accel.md)
+	mkdir -p bench/out
+	$(PY) -m bench.accel --json bench/out/accel.json
 
 setup: $(STAMP) $(COMFY)/main.py
 

@@ -46,12 +46,14 @@ def units_of(model):
 
 
 def chunk_of(transformer_options, x):
-    return tuple(transformer_options.get("cond_or_uncond", [])), tuple(x.shape)
+    """What a cache entry belongs to: the cond/uncond set, the conditionings (ComfyUI's uuids) and the shape."""
+    return (tuple(transformer_options.get("cond_or_uncond", [])), tuple(map(str, transformer_options.get("uuids", []))),
+            tuple(x.shape))
 
 
 class Cache:
     """The runtime: policy.step(cache, chunk, x, sigma, progress) -> reuse the whole call (the last ODE slope of the
-    chunk, D = x - sigma d); policy.unit(cache, unit, feature) -> reuse a unit's stored output (a block's residual,
+    chunk, D = x - sigma d); policy.unit(cache, unit) -> reuse a unit's stored output (a block's residual,
     an attention output). A recorder (`meter`, samplers.cache.RateMeter) sees every unit's and call's output
     instead, and nothing is reused."""
 
@@ -77,9 +79,7 @@ class Cache:
                 logging.warning("Stride %s: %s already has a replacement from another node; left to it", self.name,
                                 unit)
                 continue
-            fn = self.block(unit) if kind == "dit" else self.attention(unit)
-            patched.set_model_patch_replace(fn, kind, *where) if kind == "dit" else \
-                patched.set_model_patch_replace(fn, kind, where[0], where[1], where[2])
+            patched.set_model_patch_replace(self.block(unit) if kind == "dit" else self.attention(unit), kind, *where)
         return patched
 
     def outer(self, executor, *args, **kwargs):
