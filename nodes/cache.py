@@ -26,13 +26,16 @@ WrappersMP = comfy.patcher_extension.WrappersMP
 
 
 def units_of(model):
-    """[(unit name, family, (patch kind, key))] of the blocks ComfyUI lets Stride replace: a Flux-style DiT's double
-    and single blocks ("dit" patches), a UNet's self- and cross-attention ("attn1"/"attn2" replacements). Other
-    architectures: [] (step-level reuse only)."""
+    """[(unit name, family, (patch kind, key))] of what ComfyUI lets Stride replace: a Flux-style DiT's double and
+    single blocks ("dit" patches) and the attention inside each (ComfyUI's optimized_attention_override, told apart
+    by the block type and index ComfyUI sets), a UNet's self- and cross-attention ("attn1"/"attn2" replacements).
+    Other architectures: [] (step-level reuse only)."""
     net = model.model.diffusion_model
     if hasattr(net, "double_blocks") and hasattr(net, "single_blocks"):
-        return ([(f"double_block.{i}", "double", ("dit", ("double_block", i))) for i in range(len(net.double_blocks))]
-                + [(f"single_block.{i}", "single", ("dit", ("single_block", i))) for i in range(len(net.single_blocks))])
+        blocks = [(kind, i) for kind, stack in (("double", net.double_blocks), ("single", net.single_blocks))
+                  for i in range(len(stack))]
+        return ([(f"{kind}_block.{i}", kind, ("dit", (f"{kind}_block", i))) for kind, i in blocks]
+                + [(f"attn.{kind}_block.{i}", "attn", ("attention", (kind, i))) for kind, i in blocks])
     units = []
     if hasattr(net, "input_blocks") and hasattr(net, "output_blocks"):
         for name, blocks in (("input", net.input_blocks), ("middle", [net.middle_block]), ("output", net.output_blocks)):
@@ -73,8 +76,17 @@ class Cache:
         patched = model.clone()
         patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, key, self.outer)
         patched.add_wrapper_with_key(WrappersMP.APPLY_MODEL, key, self.apply_model)
-        replaced = patched.model_options.get("transformer_options", {}).get("patches_replace", {})
+        options = patched.model_options.setdefault("transformer_options", {})
+        attention = {where: unit for unit, _, (kind, where) in self.units if kind == "attention"}
+        if attention and "optimized_attention_override" in options:
+            logging.warning("Stride %s: another node overrides the attention; the attention outputs are not cached",
+                            self.name)
+        elif attention:
+            options["optimized_attention_override"] = self.attention_override(attention)
+        replaced = options.get("patches_replace", {})
         for unit, _, (kind, where) in self.units:
+            if kind == "attention":
+                continue
             if where in replaced.get(kind, {}):
                 logging.warning("Stride %s: %s already has a replacement from another node; left to it", self.name,
                                 unit)
@@ -161,6 +173,21 @@ class Cache:
                 self.policy.block_done(self, unit, residual)
             return out
         return replace
+
+    def attention_override(self, units):
+        """ComfyUI's attention override: reuse the attention output of a planned DiT block, or compute it."""
+        def override(func, *args, **kwargs):
+            options = kwargs.get("transformer_options") or {}
+            unit = units.get((options.get("block_type"), options.get("block_index")))
+            if unit is None or self.current is None:
+                return func(*args, **kwargs)
+            stored = self.stored.get((self.current["chunk"], unit))
+            if self._reuse(unit, stored, stored is not None):  # the chunk fixes the shapes
+                return stored
+            out = func(*args, **kwargs)
+            self._record(unit, out)
+            return out
+        return override
 
     def attention(self, unit):
         """An "attn1"/"attn2" replacement: reuse the attention output or compute it as ComfyUI does."""
@@ -274,7 +301,7 @@ def check_window(start, end, label):
 
 def step_cache(model, threshold, start, end, max_hits, indicator):
     check_window(start, end, "step cache")
-    units = units_of(model) if indicator == "first block residual" else []
+    units = [u for u in units_of(model) if u[2][0] == "dit"] if indicator == "first block residual" else []
     if indicator == "first block residual" and not any(family == "double" for _, family, _ in units):
         raise ValueError("Stride step cache: 'first block residual' needs a Flux-style DiT (its blocks are patched "
                          "through ComfyUI's 'dit' block replacements); use 'input change' for this model")
