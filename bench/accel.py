@@ -155,6 +155,11 @@ def measure_caches(setup, grid, tail, log):
     return rows
 
 
+def accuracy(classifier, x, setup):
+    """The digit classifier's accuracy (it reads 8x8 latents: None at other sizes)."""
+    return round(classifier.accuracy(x.float(), setup.labels), 3) if setup.size == 8 else None
+
+
 def measure_stitch(setup, grid, tail, classifier, log):
     """T-Stitch with the small sibling reading the large model's conditioning: speed, error to the large model's
     result and digit accuracy, per fraction of the noise range given to the small model."""
@@ -170,11 +175,11 @@ def measure_stitch(setup, grid, tail, classifier, log):
         got = tail.last.get("T-Stitch", ("?", "?"))
         rows.append({"model": f"{setup.name} {setup.size}x{setup.size}", "steps": setup.steps, "fraction": fraction,
                      "small_calls": f"{got[0]}/{got[1]}", "speed": base_seconds / seconds, "error": mean,
-                     "worst": worst, "accuracy": classifier.accuracy(x.float(), setup.labels),
-                     "large_accuracy": classifier.accuracy(reference.float(), setup.labels)})
-        log(f"  T-Stitch {setup.name} fraction {fraction:.1f}: {rows[-1]['small_calls']} small calls, "
-              f"x{rows[-1]['speed']:.2f}, err {mean:.4f}, accuracy {rows[-1]['accuracy']:.3f} "
-              f"(large {rows[-1]['large_accuracy']:.3f})")
+                     "worst": worst, "accuracy": accuracy(classifier, x, setup),
+                     "large_accuracy": accuracy(classifier, reference, setup)})
+        log(f"  T-Stitch {setup.name} {setup.size}x{setup.size} fraction {fraction:.1f}: {rows[-1]['small_calls']} "
+            f"small calls, x{rows[-1]['speed']:.2f}, err {mean:.4f}, accuracy {rows[-1]['accuracy']} "
+            f"(large {rows[-1]['large_accuracy']})")
     return rows
 
 
@@ -186,11 +191,15 @@ def cache_table(rows):
     return "\n".join(lines)
 
 
+def cell(value):
+    return "n/a (the classifier reads 8x8)" if value is None else f"{value:.3f}"
+
+
 def stitch_table(rows):
     lines = ["| model | steps | fraction to the small model | small-model calls | speed ratio | error (mean) | "
              "accuracy | large model's accuracy |", "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['steps']} | {r['fraction']:.1f} | {r['small_calls']} | x{r['speed']:.2f} | "
-              f"{r['error']:.4f} | {r['accuracy']:.3f} | {r['large_accuracy']:.3f} |" for r in rows]
+              f"{r['error']:.4f} | {cell(r['accuracy'])} | {cell(r['large_accuracy'])} |" for r in rows]
     return "\n".join(lines)
 
 
@@ -225,7 +234,7 @@ def measure(grid, log=print):
                 setup = Setup(name, size, steps, grid["seeds"] if size == 8 else grid["timing_seeds"])
                 log(f"{name} {size}x{size}, {steps} euler steps, {len(setup.labels)} images")
                 caches += measure_caches(setup, grid, tail, log)
-                if size == 8 and grid["fractions"]:
+                if grid["fractions"]:
                     stitches += measure_stitch(setup, grid, tail, classifier, log)
     finally:
         root.removeHandler(tail)
