@@ -59,9 +59,12 @@ class TStitch:
         finally:
             total = self.small_calls + self.large_calls
             if total:
+                spent = self.small_seconds + self.large_seconds
+                speedup = (f"x{self.large_seconds / self.large_calls * total / spent:.2f} measured (against every "
+                           "call at the large calls' mean time)" if self.large_calls and spent else "n/a")
                 logging.info("Stride T-Stitch: %d of %d model calls by the small model (the first %.0f%% of the noise "
-                             "range); %.2f s small, %.2f s large", self.small_calls, total, 100 * self.fraction,
-                             self.small_seconds, self.large_seconds)
+                             "range); %.2f s small, %.2f s large; speedup %s", self.small_calls, total,
+                             100 * self.fraction, self.small_seconds, self.large_seconds, speedup)
 
     def apply_model(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
                     **kwargs):
