@@ -1,25 +1,17 @@
-"""Cache accelerators in ComfyUI: the runtime that answers model calls (APPLY_MODEL wrapper) and blocks (Flux-style
-DiT blocks through patches_replace "dit", UNet attention through "attn1"/"attn2" replacements) from what earlier
-calls computed, driven by a policy from samplers/cache.py: a calibrated InvarDiff plan or an adaptive reuse test.
-State is kept per chunk (cond/uncond set and shape), reset at the start of every run (OUTER_SAMPLE), and each run
-logs its reuse and time."""
-import json
+"""Bridge: the cache runtime in ComfyUI. It answers model calls (APPLY_MODEL wrapper) and blocks (Flux-style DiT
+blocks through patches_replace "dit" and their attention through ComfyUI's attention override, UNet attention
+through "attn1"/"attn2" replacements) from what earlier calls computed, driven by a policy from samplers/cache.py:
+a calibrated InvarDiff plan or an adaptive reuse test. State is kept per chunk (cond/uncond set, conditionings and
+shape), reset at the start of every run (OUTER_SAMPLE), and each run logs its reuse and time."""
 import logging
 import time
 
 import torch
 
 import comfy.ldm.modules.attention
-import comfy.model_management
 import comfy.patcher_extension
-import comfy.sample
-import comfy.samplers
-import comfy.utils
-from comfy_api.latest import io
 
-from ..samplers.cache import Plan, RateMeter, ReuseTest, fit_plan, rel_l1
-from . import calibration_store as store
-from .calibration import conditioning_digest
+from ..samplers.cache import rel_l1
 from .guidance import progress
 
 WrappersMP = comfy.patcher_extension.WrappersMP
@@ -213,14 +205,16 @@ class PlanPolicy:
     def reset(self):
         self.pointer, self.unmatched, self.fits = {}, 0, None
 
-    def known(self, sigma):
-        return any(abs(s - sigma) <= 1e-4 * max(abs(sigma), 1e-3) for s in self.call_sigmas)
+    @staticmethod
+    def same(a, b):
+        return abs(a - b) <= 1e-4 * max(abs(b), 1e-3)
 
     def match(self, chunk, sigma, sample_sigmas):
         if self.fits is None:  # the run's schedule: every step's sigma must be one the plan was made on
-            self.fits = sample_sigmas is None or all(self.known(float(s)) for s in sample_sigmas if float(s) > 0)
+            self.fits = sample_sigmas is None or all(any(self.same(c, float(s)) for c in self.call_sigmas)
+                                                     for s in sample_sigmas if float(s) > 0)
         for j in range(self.pointer.get(chunk, 0), len(self.call_sigmas) if self.fits else 0):
-            if abs(self.call_sigmas[j] - sigma) <= 1e-4 * max(abs(sigma), 1e-3):
+            if self.same(self.call_sigmas[j], sigma):
                 self.pointer[chunk] = j + 1
                 return j
         self.unmatched += 1
@@ -286,211 +280,3 @@ class AdaptivePolicy:
             return
         self.test.computed(chunk)
         self.first[chunk] = value
-
-
-# --- nodes --------------------------------------------------------------------------------------------------------
-
-CATEGORY = "sampling/stride/accelerators"
-PLAN_VERSION = 1
-
-
-def check_window(start, end, label):
-    if start > end:
-        raise ValueError(f"Stride {label}: start ({start}) must not be after end ({end})")
-
-
-def step_cache(model, threshold, start, end, max_hits, indicator):
-    check_window(start, end, "step cache")
-    units = [u for u in units_of(model) if u[2][0] == "dit"] if indicator == "first block residual" else []
-    if indicator == "first block residual" and not any(family == "double" for _, family, _ in units):
-        raise ValueError("Stride step cache: 'first block residual' needs a Flux-style DiT (its blocks are patched "
-                         "through ComfyUI's 'dit' block replacements); use 'input change' for this model")
-    test = ReuseTest(threshold, start, end, max_hits, accumulate=indicator == "input change")
-    policy = AdaptivePolicy(test, "input" if indicator == "input change" else "first_block",
-                            units[0][0] if units else None)
-    return Cache("step cache", units, policy).patch(model, "stride_step_cache")
-
-
-class StrideStepCache(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(
-            node_id="StrideStepCache", display_name="Adaptive step cache (Stride)", category=CATEGORY,
-            description="Reuses the model's work while it changes little, for any sampler, with no calibration. "
-                        "'input change' (any model): the last prediction is reused while the model input's "
-                        "accumulated relative change stays below the threshold. 'first block residual' (Flux-style "
-                        "DiTs): the first block runs, and while its residual is close to its last computed value the "
-                        "other blocks add their stored residuals instead of running. Cond and uncond passes and "
-                        "latent sizes are cached separately; the cache resets at every run, which logs its reuse "
-                        "and measured speedup.",
-            inputs=[io.Model.Input("model", tooltip="The model to cache."),
-                    io.Float.Input("threshold", default=0.1, min=0.0, max=5.0, step=0.01,
-                                   tooltip="Relative change below which stored work is reused (0: never). First "
-                                           "block residual: about 0.1 for Flux-style models."),
-                    io.Float.Input("start", default=0.2, min=0.0, max=1.0, step=0.05,
-                                   tooltip="No reuse before this point of the noise range (0 = pure noise)."),
-                    io.Float.Input("end", default=0.9, min=0.0, max=1.0, step=0.05,
-                                   tooltip="No reuse after this point of the noise range (the last, detail steps)."),
-                    io.Int.Input("max_hits", default=2, min=1, max=10,
-                                 tooltip="Reuses in a row at most before the model runs again in full."),
-                    io.Combo.Input("indicator", options=["input change", "first block residual"],
-                                   default="input change", optional=True,
-                                   tooltip="What measures the change: the model input (any model) or the first "
-                                           "block's residual (Flux-style DiTs).")],
-            outputs=[io.Model.Output(tooltip="The model with the step cache.")])
-
-    @classmethod
-    def execute(cls, model, threshold, start, end, max_hits, indicator="input change") -> io.NodeOutput:
-        return io.NodeOutput(step_cache(model, threshold, start, end, max_hits, indicator))
-
-
-def plan_text(fp, sampler_name, call_sigmas, plan, error):
-    return json.dumps({"stride_cache_plan": PLAN_VERSION, "model": fp["id"], "sampler": sampler_name,
-                       "call_sigmas": [round(s, 7) for s in call_sigmas], **plan.to_json(), "share": round(plan.share(), 4),
-                       "error": round(error, 6)})
-
-
-def parse_plan(text):
-    try:
-        data = json.loads(text)
-    except (json.JSONDecodeError, TypeError) as e:
-        raise ValueError(f"Stride cache plan: the plan text is not valid JSON ({e}); paste the text the calibrate "
-                         "node wrote") from None
-    if not isinstance(data, dict) or data.get("stride_cache_plan") != PLAN_VERSION:
-        raise ValueError("Stride cache plan: not a Stride cache plan of this version; recalibrate")
-    return data, Plan.from_json(data)
-
-
-def apply_plan(model, text):
-    """The model with the plan's cache: refused for another model or another block layout."""
-    data, plan = parse_plan(text)
-    fp = store.fingerprint(model)
-    if data["model"] != fp["id"]:
-        raise ValueError(f"Stride cache plan: made for model {data['model']}, this model is {fp['id']} (another "
-                         "checkpoint, LoRA or patch); calibrate a plan for this model")
-    units = units_of(model)
-    if [u[0] for u in units] != plan.units:
-        raise ValueError("Stride cache plan: the plan's blocks do not match this model's; calibrate a plan for it")
-    return Cache("cache plan", units, PlanPolicy(plan, data["call_sigmas"])).patch(model, "stride_cache_plan")
-
-
-def calibrate_plan(model, positive, negative, latent_image, sampler_name, scheduler, steps, cfg, samples, seed,
-                   quantile, step_quantile, nonskip, sigmas=None):
-    """InvarDiff's calibration on the user's sampler and schedule (ComfyUI's own sampling path): two measuring
-    runs (the second with the first plan's stale references), then one run of the plan to measure its error
-    against the full result on the calibration noises. Returns the plan text (stored, and reused when stored)."""
-    latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
-    latent = latent.repeat(-(-samples // latent.shape[0]), *[1] * (latent.ndim - 1))[:samples]
-    fp = store.fingerprint(model)
-    settings = {"sampler": sampler_name, "scheduler": scheduler, "steps": steps, "cfg": cfg, "samples": samples,
-                "seed": seed, "latent": list(latent.shape[1:]), "quantile": quantile, "step_quantile": step_quantile,
-                "nonskip": nonskip, "sigmas": None if sigmas is None else [round(float(s), 6) for s in sigmas],
-                "conditioning": conditioning_digest(positive, negative)}
-    found = store.find("cache_plan", settings, fp)
-    if found is not None:
-        logging.info("Stride cache plan: reused %s (no model run)", found[2])
-        return found[1]["info"]["text"]
-    units = units_of(model)
-    names, families = [u[0] for u in units], [u[1] for u in units]
-    noise = comfy.sample.prepare_noise(latent, seed)
-    total = 3 * (len(sigmas) - 1 if sigmas is not None else steps)
-    pbar = comfy.utils.ProgressBar(total)
-    done = [0]
-
-    def run(patched):
-        def callback(*_):
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            done[0] += 1
-            pbar.update_absolute(min(done[0], total))
-        return comfy.sample.sample(patched, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
-                                   sigmas=sigmas, callback=callback, disable_pbar=True, seed=seed)
-    seen = {}
-
-    def measure(plan):
-        meter = RateMeter(plan)
-        cache = Cache("cache plan calibration", units, meter=meter)
-        out = run(cache.patch(model, "stride_cache_plan_calibration"))
-        seen.setdefault("full", out)
-        seen["call_sigmas"] = cache.call_sigmas
-        calls = len(cache.call_sigmas)
-        return meter.mean(calls, names), meter.mean(calls, ["step"])[:, 0]
-    start = time.perf_counter()
-    logging.info("Stride cache plan: calibrating %s with %s, 3 runs of %d steps on a batch of %d (%d blocks)",
-                 model.model.__class__.__name__, sampler_name, total // 3, samples, len(units))
-    plan = fit_plan(measure, names, families, quantile, step_quantile, nonskip)
-    text = plan_text(fp, sampler_name, seen["call_sigmas"], plan, 0.0)
-    cached = run(apply_plan(model, text))
-    error = float((cached - seen["full"]).norm() / seen["full"].norm().clamp_min(1e-12))
-    text = plan_text(fp, sampler_name, seen["call_sigmas"], plan, error)
-    seconds = time.perf_counter() - start
-    store.save("cache_plan", settings, fp, {"cache": plan.cache, "gate": plan.gate},
-               {"text": text, "error": error, "seconds": round(seconds, 2)})
-    logging.info("Stride cache plan: %.0f%% of block evaluations planned from the cache, %d gated calls of %d; "
-                 "relative error against the full run %.4g on the calibration noises (%.1f s)", 100 * plan.share(),
-                 int(plan.gate.sum()), len(plan.gate), error, seconds)
-    return text
-
-
-class StrideCalibrateCachePlan(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(
-            node_id="StrideCalibrateCachePlan", display_name="Calibrate cache plan (InvarDiff, Stride)",
-            category=CATEGORY,
-            description="InvarDiff (Wu 2025): measures on your model, sampler and schedule how fast each block's "
-                        "output changes from call to call, and caches the blocks (and whole calls) that change "
-                        "least, by quantile. Flux-style DiTs: double/single blocks; UNets: attention outputs; all "
-                        "models: whole calls. The plan is stored and returned as text, so the workflow carries it.",
-            inputs=[io.Model.Input("model", tooltip="The model to calibrate (with its LoRAs and patches)."),
-                    io.Conditioning.Input("positive", tooltip="Conditioning of the calibration (prompts like yours)."),
-                    io.Conditioning.Input("negative", tooltip="Negative conditioning of the calibration."),
-                    io.Latent.Input("latent_image", tooltip="A latent of the size you will sample at."),
-                    io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler",
-                                   tooltip="The sampler you will use (a plan holds for one sampler and schedule)."),
-                    io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="simple",
-                                   tooltip="The scheduler you will use (ignored when `sigmas` is connected)."),
-                    io.Int.Input("steps", default=20, min=3, max=200, tooltip="The number of steps you will use."),
-                    io.Float.Input("cfg", default=5.0, min=0.0, max=100.0, step=0.1, round=0.01,
-                                   tooltip="The guidance scale you will use."),
-                    io.Int.Input("samples", default=2, min=1, max=16, tooltip="Calibration noises (the batch)."),
-                    io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=False,
-                                 tooltip="Seed of the calibration noises."),
-                    io.Float.Input("quantile", default=0.4, min=0.0, max=1.0, step=0.05,
-                                   tooltip="About the share of block evaluations cached (InvarDiff's tau; 0: none)."),
-                    io.Float.Input("step_quantile", default=0.3, min=0.0, max=1.0, step=0.05,
-                                   tooltip="About the share of calls answered whole from the cache (0: none); the "
-                                           "call after such a call always computes in full."),
-                    io.Float.Input("nonskip", default=0.1, min=0.0, max=0.9, step=0.05,
-                                   tooltip="Share of the first calls never cached (the layout forms there)."),
-                    io.Sigmas.Input("sigmas", optional=True,
-                                    tooltip="Optional: calibrate for this schedule (SamplerCustom) instead.")],
-            outputs=[io.Model.Output(tooltip="The model with the plan applied."),
-                     io.String.Output(display_name="plan", tooltip="The plan as text, for the cache plan node.")])
-
-    @classmethod
-    def execute(cls, model, positive, negative, latent_image, sampler_name, scheduler, steps, cfg, samples, seed,
-                quantile, step_quantile, nonskip, sigmas=None) -> io.NodeOutput:
-        text = calibrate_plan(model, positive, negative, latent_image, sampler_name, scheduler, steps, cfg, samples,
-                              seed, quantile, step_quantile, nonskip, sigmas)
-        return io.NodeOutput(apply_plan(model, text), text)
-
-
-class StrideCachePlan(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(
-            node_id="StrideCachePlan", display_name="Cache plan (InvarDiff, Stride)", category=CATEGORY,
-            description="Applies a cache plan made by the calibrate node (pasted or connected): the planned blocks "
-                        "and calls reuse their last computed outputs. Refused for another model; calls the plan does "
-                        "not know (another sampler or schedule) run in full, and the run's log says how many.",
-            inputs=[io.Model.Input("model", tooltip="The model the plan was calibrated on."),
-                    io.String.Input("plan", multiline=True, default="",
-                                    tooltip="The plan text the calibrate node wrote.")],
-            outputs=[io.Model.Output(tooltip="The model with the plan applied.")])
-
-    @classmethod
-    def execute(cls, model, plan) -> io.NodeOutput:
-        return io.NodeOutput(apply_plan(model, plan))
-
-
-NODES = [StrideStepCache, StrideCalibrateCachePlan, StrideCachePlan]
