@@ -202,6 +202,8 @@ def plan_text(fp, sampler_name, call_sigmas, plan, error):
 
 
 def parse_plan(text):
+    if not (text or "").strip():
+        raise ValueError("Stride cache plan: no plan given; connect the calibrate node's plan output or paste its text")
     try:
         data = json.loads(text)
     except (json.JSONDecodeError, TypeError) as e:

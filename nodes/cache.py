@@ -116,7 +116,9 @@ class Cache:
                         "sample_sigmas": transformer_options.get("sample_sigmas")}
         sigma_b = t.reshape(-1, *[1] * (x.ndim - 1)).to(x.dtype)
         self.calls += 1
-        if self.policy is not None and self.policy.step(self, chunk, x, sigma, p) and chunk in self.slopes:
+        # what the network sees (ComfyUI's input scaling: x / sqrt(sigma^2 + 1) for EPS models, x for flow)
+        model_input = executor.class_obj.model_sampling.calculate_input(t, x)
+        if self.policy is not None and self.policy.step(self, chunk, model_input, sigma, p) and chunk in self.slopes:
             self.call_hits += 1
             return x - sigma_b * self.slopes[chunk]
         start = time.perf_counter()
@@ -130,7 +132,7 @@ class Cache:
             self.meter.update(chunk, index, "step", slope)
         self.slopes[chunk] = slope
         if self.policy is not None:
-            self.policy.computed(self, chunk, x)
+            self.policy.computed(self, chunk, model_input)
         return out
 
     def _reuse(self, unit, stored, fits):
@@ -241,8 +243,8 @@ class PlanPolicy:
 
 
 class AdaptivePolicy:
-    """No calibration (samplers.cache.ReuseTest): indicator "input" = the model input's relative change, accumulated
-    since the last computed call, decides whole calls; "first_block" = the first block's residual against its last
+    """No calibration (samplers.cache.ReuseTest): indicator "input" = the relative change of the network's input
+    (after ComfyUI's input scaling), accumulated since the last computed call, decides whole calls; "first_block" = the first block's residual against its last
     computed value decides whether the other blocks reuse theirs (First Block Cache)."""
 
     def __init__(self, test, indicator, first_unit=None):

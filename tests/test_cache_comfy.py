@@ -66,6 +66,8 @@ def test_plan_refusals(node_class, calibration_store):
     text = calibrate(node_class, "dit_small", 0.3, 0.0, steps=6)[5]
     with pytest.raises(ValueError, match="made for model .* this model is"):
         node_class("StrideCachePlan").execute(unet, text)
+    with pytest.raises(ValueError, match="no plan given"):
+        node_class("StrideCachePlan").execute(unet, "  ")
     with pytest.raises(ValueError, match="not valid JSON"):
         node_class("StrideCachePlan").execute(unet, "{oops")
     with pytest.raises(ValueError, match="not a Stride cache plan"):
