@@ -1,7 +1,7 @@
 """`bench.accel`: cache and stitching accelerators through their nodes, each beside the same uncached sampling in
 the same process (docs/bench_accel.md).
 
-    .venv/bin/python -m bench.accel [--quick] [--json PATH]
+    .venv/bin/python -m bench.accel [--quick] [--json PATH] [--tables-from PATH]
 
 For each model setup (a trained demo model at its 8x8 latent, and larger for timing: the DiT at 32x32 and the UNet
 at 16x16, where the model's work outweighs the sampler's Python), ComfyUI's euler at cfg 3 draws the ten digits for
@@ -15,6 +15,7 @@ Methods: Stride's calibrated cache plan (InvarDiff; calibrated on other seeds), 
 T-Stitch over the fraction of the noise range given to the small model (which reads the large model's
 conditioning), with the digit classifier's accuracy beside the large model's.
 """
+import json
 import logging
 import re
 import time
@@ -34,7 +35,8 @@ FULL = {"setups": [("dit_large", 8, 20), ("unet_large", 8, 20), ("dit_large", 32
 QUICK = {**FULL, "setups": [("dit_large", 8, 10)], "seeds": [0], "repeats": 1, "plan": [(0.4, 0.3)],
          "input": [0.2], "first_block": [0.2], "easycache": [0.2], "lazycache": [0.2], "fractions": [0.0, 0.4]}
 SETTINGS = ("plan", "input", "first_block", "easycache", "lazycache")
-LOG_PATTERNS = {"Stride": r"Stride [\w -]+: (\d+) of (\d+) model calls answered from the cache(?:, (\d+) of (\d+) block)?",
+LOG_PATTERNS = {"Stride": r"Stride [\w -]+: (\d+) of (\d+) model calls answered from the cache"
+                          r"(?:, (\d+) of (\d+) block)?",
                 "ComfyUI": r"(?:Easy|Lazy)Cache - skipped (\d+)/(\d+) steps",
                 "T-Stitch": r"Stride T-Stitch: (\d+) of (\d+) model calls by the small model"}
 
@@ -206,7 +208,8 @@ def stitch_table(rows):
 def best_at_equal_error(rows):
     """Per model: for each cache of Stride, the fastest setting whose mean error is at most that of EasyCache's
     setting (the speed ratios compared at equal or lower error)."""
-    lines = ["| model | EasyCache setting | its error | its speed | Stride's fastest at <= that error | error | speed |",
+    lines = ["| model | EasyCache setting | its error | its speed | Stride's fastest at <= that error | error | "
+             "speed |",
              "|---|---|---|---|---|---|---|"]
     for model in dict.fromkeys(r["model"] for r in rows):
         ours = [r for r in rows if r["model"] == model and r["method"].startswith("Stride")]
@@ -242,14 +245,48 @@ def measure(grid, log=print):
     return caches, stitches
 
 
-def main():
-    args = parser(__doc__.splitlines()[0]).parse_args()
-    host.boot()
-    start = time.perf_counter()
-    caches, stitches = measure(QUICK if args.quick else FULL, log=lambda line: print(line, flush=True))
+ANCHORS = [("Stride cache plan (InvarDiff)", "InvarDiff paper: 2.5-3.3x on FLUX.1-dev (28 steps), 2.86x on DiT-XL/2"),
+           ("Stride step cache (first block)", "First Block Cache: about 1.9x on FLUX (28 steps, threshold 0.12)"),
+           ("ComfyUI EasyCache", "EasyCache paper: 2-3x on video models")]
+
+
+def anchors(caches, stitches):
+    """The papers' numbers as quoted, beside the measured range of each method."""
+    lines = []
+    for method, quote in ANCHORS:
+        rows = [r for r in caches if r["method"] == method]
+        if rows:
+            lines.append(f"- {quote}; measured here (CPU, demo models): x{min(r['speed'] for r in rows):.2f} .. "
+                         f"x{max(r['speed'] for r in rows):.2f} at mean error {min(r['error'] for r in rows):.4f} .. "
+                         f"{max(r['error'] for r in rows):.4f}")
+    near = [r for r in stitches if abs(r["fraction"] - 0.4) < 1e-9]
+    if near:
+        measured = "; ".join(f"{r['model']} x{r['speed']:.2f}, accuracy {cell(r['accuracy'])} (large "
+                             f"{cell(r['large_accuracy'])})" for r in near)
+        lines.append("- T-Stitch paper: about 40% of DiT-XL's steps given to DiT-S with no FID loss (reviews: "
+                     "1.5-1.7x); measured here at fraction 0.4: " + measured)
+    return "\n".join(lines)
+
+
+def report(caches, stitches):
+    print("\n## Anchors (the papers' numbers as quoted, beside the measured ones)\n\n" + anchors(caches, stitches))
     print("\n## Caches: speed ratio and error to the uncached result\n\n" + cache_table(caches))
     print("\n## Stride's caches at EasyCache's error\n\n" + best_at_equal_error(caches))
     print("\n## T-Stitch over the fraction of the noise range\n\n" + stitch_table(stitches))
+
+
+def main():
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--tables-from", metavar="PATH", help="reprint the tables of an earlier --json run")
+    args = p.parse_args()
+    if args.tables_from:
+        with open(args.tables_from) as f:
+            data = json.load(f)
+        return report(data["caches"], data["stitch"])
+    host.boot()
+    start = time.perf_counter()
+    caches, stitches = measure(QUICK if args.quick else FULL, log=lambda line: print(line, flush=True))
+    report(caches, stitches)
     print(f"\n{time.perf_counter() - start:.0f} s in all")
     write_json(args.json, {"caches": caches, "stitch": stitches, "grid": {k: str(v) for k, v in FULL.items()}})
 

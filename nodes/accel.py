@@ -37,7 +37,8 @@ def family(model):
                                                                     "vec_in_dim")}
     return {"parameterization": getattr(base.model_type, "name", "?"),
             "noise range": (round(float(ms.sigma_min), 5), round(float(ms.sigma_max), 5)),
-            "latent format": (type(config.latent_format).__name__, getattr(config.latent_format, "latent_channels", None)),
+            "latent format": (type(config.latent_format).__name__,
+                              getattr(config.latent_format, "latent_channels", None)),
             "conditioning": (type(base).__name__, sorted(context.items()))}
 
 
@@ -82,8 +83,9 @@ class TStitch:
         ms = executor.class_obj.model_sampling
         start = time.perf_counter()
         if self.fraction >= 1.0 or progress(ms, float(t.max())) < self.fraction:
+            options = small_options(self.small, transformer_options)
             out = self.small.model.apply_model(x, t, c_concat=c_concat, c_crossattn=c_crossattn, control=control,
-                                               transformer_options=small_options(self.small, transformer_options), **kwargs)
+                                               transformer_options=options, **kwargs)
             self.small_calls += 1
             self.small_seconds += time.perf_counter() - start
             return out
@@ -197,8 +199,8 @@ class StrideStepCache(io.ComfyNode):
 
 def plan_text(fp, sampler_name, call_sigmas, plan, error):
     return json.dumps({"stride_cache_plan": PLAN_VERSION, "model": fp["id"], "sampler": sampler_name,
-                       "call_sigmas": [round(s, 7) for s in call_sigmas], **plan.to_json(), "share": round(plan.share(), 4),
-                       "error": round(error, 6)})
+                       "call_sigmas": [round(s, 7) for s in call_sigmas], **plan.to_json(),
+                       "share": round(plan.share(), 4), "error": round(error, 6)})
 
 
 def parse_plan(text):

@@ -30,7 +30,8 @@ def units_of(model):
                 + [(f"attn.{kind}_block.{i}", "attn", ("attention", (kind, i))) for kind, i in blocks])
     units = []
     if hasattr(net, "input_blocks") and hasattr(net, "output_blocks"):
-        for name, blocks in (("input", net.input_blocks), ("middle", [net.middle_block]), ("output", net.output_blocks)):
+        stacks = (("input", net.input_blocks), ("middle", [net.middle_block]), ("output", net.output_blocks))
+        for name, blocks in stacks:
             for number, block in enumerate(blocks):
                 for module in block.modules():
                     for j in range(len(getattr(module, "transformer_blocks", []))
@@ -244,8 +245,9 @@ class PlanPolicy:
 
 class AdaptivePolicy:
     """No calibration (samplers.cache.ReuseTest): indicator "input" = the relative change of the network's input
-    (after ComfyUI's input scaling), accumulated since the last computed call, decides whole calls; "first_block" = the first block's residual against its last
-    computed value decides whether the other blocks reuse theirs (First Block Cache)."""
+    (after ComfyUI's input scaling), accumulated since the last computed call, decides whole calls; "first_block" =
+    the first block's residual against its last computed value decides whether the other blocks reuse theirs (First
+    Block Cache)."""
 
     def __init__(self, test, indicator, first_unit=None):
         self.test, self.indicator, self.first_unit = test, indicator, first_unit

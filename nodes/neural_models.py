@@ -208,7 +208,8 @@ def adopt_conditioning(small, small_name, large_name):
                 raise ValueError(f"{small_name}: no layer takes the {part} conditioning")
             for layer in layers[part]:
                 if layer.weight.shape[1] != a.shape[0]:
-                    raise ValueError(f"{small_name}: {part} layer of width {layer.weight.shape[1]}, map of {a.shape[0]}")
+                    raise ValueError(f"{small_name}: {part} layer of width {layer.weight.shape[1]}, "
+                                     f"map of {a.shape[0]}")
                 layer.weight.copy_((layer.weight.double() @ a).to(layer.weight.dtype))
     return _patcher(folded)
 

@@ -122,8 +122,8 @@ class Plan:
     @classmethod
     def from_json(cls, data):
         units, cache, gate = data["units"], data["cache"], data["gate"]
-        if len(cache) != len(gate) or len(data["families"]) != len(units) or any(len(row) != len(units) or set(row) - {"0", "1"} for row in cache) \
-                or set(gate) - {"0", "1"}:
+        rows_fit = all(len(row) == len(units) and not set(row) - {"0", "1"} for row in cache)
+        if len(cache) != len(gate) or len(data["families"]) != len(units) or not rows_fit or set(gate) - {"0", "1"}:
             raise ValueError("the cache plan's rows do not fit its units and calls")
         mask = torch.tensor([[c == "1" for c in row] for row in cache], dtype=torch.bool).reshape(len(gate), len(units))
         return cls(units, data["families"], mask, torch.tensor([c == "1" for c in gate], dtype=torch.bool))
