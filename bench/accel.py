@@ -34,7 +34,6 @@ FULL = {"setups": [("dit_large", 8, 20), ("unet_large", 8, 20), ("dit_large", 32
         "fractions": [0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0]}
 QUICK = {**FULL, "setups": [("dit_large", 8, 10)], "seeds": [0], "repeats": 1, "plan": [(0.4, 0.3)],
          "input": [0.2], "first_block": [0.2], "easycache": [0.2], "lazycache": [0.2], "fractions": [0.0, 0.4]}
-SETTINGS = ("plan", "input", "first_block", "easycache", "lazycache")
 LOG_PATTERNS = {"Stride": r"Stride [\w -]+: (\d+) of (\d+) model calls answered from the cache"
                           r"(?:, (\d+) of (\d+) block)?",
                 "ComfyUI": r"(?:Easy|Lazy)Cache - skipped (\d+)/(\d+) steps",
@@ -102,11 +101,8 @@ def errors(x, reference):
 
 
 def methods(setup, grid):
-    """(method, setting, MODEL) of every cache for this setup; the plan is calibrated here on other seeds. The
-    larger timing setups take the middle setting of each method only."""
+    """(method, setting, MODEL) of every cache for this setup; the plan is calibrated here on other seeds."""
     model = setup.model
-    if setup.size > 8:
-        grid = {k: v[len(v) // 2:len(v) // 2 + 1] if k in SETTINGS else v for k, v in grid.items()}
     step_cache = lambda threshold, indicator: node("StrideStepCache").execute(
         model=model, threshold=threshold, start=0.2, end=0.9, max_hits=2, indicator=indicator).result[0]
     for threshold in grid["input"]:

@@ -265,7 +265,10 @@ def calibrate_plan(model, positive, negative, latent_image, sampler_name, schedu
         meter = RateMeter(plan)
         cache = Cache("cache plan calibration", units, meter=meter)
         out = run(cache.patch(model, "stride_cache_plan_calibration"))
-        seen.setdefault("full", out)
+        if "full" not in seen:
+            seen["full"] = out
+            logging.info("Stride cache plan: the first of 3 calibration runs took %.1f s; about %.0f s to go",
+                         time.perf_counter() - start, 2 * (time.perf_counter() - start))
         seen["call_sigmas"] = cache.call_sigmas
         calls = len(cache.call_sigmas)
         return meter.mean(calls, names), meter.mean(calls, ["step"])[:, 0]
