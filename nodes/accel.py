@@ -10,6 +10,8 @@ import logging
 import math
 import time
 
+import torch
+
 import comfy.model_management
 import comfy.patcher_extension
 import comfy.sample
@@ -18,6 +20,7 @@ import comfy.utils
 from comfy_api.latest import io
 
 from ..samplers.cache import Plan, RateMeter, ReuseTest, fit_plan
+from ..samplers.core import check_sigmas
 from . import calibration_store as store
 from .cache import AdaptivePolicy, Cache, PlanPolicy, units_of
 from .calibration import conditioning_digest
@@ -141,7 +144,6 @@ class StrideTStitch(io.ComfyNode):
         return io.NodeOutput(tstitch(model, small_model, fraction))
 
 
-
 # --- caches --------------------------------------------------------------------------------------------------------
 
 PLAN_VERSION = 1
@@ -234,6 +236,8 @@ def calibrate_plan(model, positive, negative, latent_image, sampler_name, schedu
     """InvarDiff's calibration on the user's sampler and schedule (ComfyUI's own sampling path): two measuring
     runs (the second with the first plan's stale references), then one run of the plan to measure its error
     against the full result on the calibration noises. Returns the plan text (stored, and reused when stored)."""
+    if sigmas is not None:
+        check_sigmas(sigmas, "cache plan")
     latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
     latent = latent.repeat(-(-samples // latent.shape[0]), *[1] * (latent.ndim - 1))[:samples]
     fp = store.fingerprint(model)
@@ -266,6 +270,9 @@ def calibrate_plan(model, positive, negative, latent_image, sampler_name, schedu
         cache = Cache("cache plan calibration", units, meter=meter)
         out = run(cache.patch(model, "stride_cache_plan_calibration"))
         if "full" not in seen:
+            if not torch.isfinite(out).all():
+                raise ValueError("Stride cache plan: the model's result on the calibration noises is not finite; "
+                                 "check the model and settings before calibrating")
             seen["full"] = out
             logging.info("Stride cache plan: the first of 3 calibration runs took %.1f s; about %.0f s to go",
                          time.perf_counter() - start, 2 * (time.perf_counter() - start))

@@ -13,9 +13,11 @@ import math
 import os
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import comfy.latent_formats
+import comfy.ldm.modules.attention
 import comfy.model_management
 import comfy.model_patcher
 import comfy.supported_models
@@ -125,7 +127,6 @@ def _patcher(model):
 
 def load_embedding(name):
     """The LabelEmbedding of `name` alone (without building its network)."""
-    from safetensors import safe_open
     path = weights_path(name)
     if not os.path.exists(path):
         raise FileNotFoundError(f"Stride model weights {path} are missing: run `.venv/bin/python -m demo.train`")
@@ -184,8 +185,7 @@ def conditioning_inputs(diffusion_model, family):
     vector)."""
     if family == "dit":
         return {"context": [diffusion_model.txt_in], "pooled": [diffusion_model.vector_in.in_layer]}
-    from comfy.ldm.modules.attention import BasicTransformerBlock
-    blocks = [m for m in diffusion_model.modules() if isinstance(m, BasicTransformerBlock)]
+    blocks = [m for m in diffusion_model.modules() if isinstance(m, comfy.ldm.modules.attention.BasicTransformerBlock)]
     return {"context": [layer for b in blocks for layer in (b.attn2.to_k, b.attn2.to_v)]}
 
 

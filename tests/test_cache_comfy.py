@@ -61,8 +61,18 @@ def test_the_plan_travels_as_text_and_is_stored(node_class, calibration_store, c
 
 
 def test_plan_refusals(node_class, calibration_store):
-    """Another model, another block layout, broken text: clear errors."""
-    unet = demo(node_class, "unet_small")[0]
+    """Another model, broken or empty text, a schedule no sampler can follow, a model whose output is not finite:
+    clear errors."""
+    unet, pos, neg, latent = demo(node_class, "unet_small")
+    calibrate_node = node_class("StrideCalibrateCachePlan")
+    with pytest.raises(ValueError, match="sigmas must decrease strictly"):
+        calibrate_node.execute(unet, pos, neg, latent, "euler", "karras", 6, 3.0, 1, 0, 0.4, 0.3, 0.1,
+                               sigmas=torch.tensor([1.0, 2.0, 0.0]))
+    broken = unet.clone()
+    broken.set_model_unet_function_wrapper(lambda apply, args: apply(args["input"], args["timestep"], **args["c"])
+                                           * float("nan"))
+    with pytest.raises(ValueError, match="calibration noises is not finite"), torch.inference_mode():
+        calibrate_node.execute(broken, pos, neg, latent, "euler", "karras", 6, 3.0, 1, 0, 0.4, 0.3, 0.1)
     text = calibrate(node_class, "dit_small", 0.3, 0.0, steps=6)[5]
     with pytest.raises(ValueError, match="made for model .* this model is"):
         node_class("StrideCachePlan").execute(unet, text)
