@@ -23,7 +23,7 @@ import time
 import torch
 
 from . import host
-from .common import fresh_calibration_store, parser, write_json
+from .common import ModelSetup, fresh_calibration_store, parser, write_json
 
 SCHEDULER = {"unet": "karras", "dit": "simple"}
 CFG, CAL_SEED = 3.0, 1000
@@ -60,37 +60,31 @@ def node(name):
     return nodes.NODE_CLASS_MAPPINGS[name]
 
 
-class Setup:
-    """A demo model at one latent size: the ten digits for each seed, their noise and conditioning."""
+class Setup(ModelSetup):
+    """A demo model at one latent size and step count: the ten digits for each seed, their noise and conditioning;
+    run(model) samples them with ComfyUI's KSampler path."""
 
     def __init__(self, name, size, steps, seeds):
-        import comfy.sample
-        demo = host.stride("nodes.demo")
-        self.name, self.size, self.steps, self.family = name, size, steps, name.split("_")[0]
-        self.labels = torch.arange(10).repeat(len(seeds))
-        self.model, self.positive, self.negative = demo.load_demo_model(name, self.labels, 1.0, False)
-        one = torch.zeros(10, 4, size, size)
-        self.noise = torch.cat([comfy.sample.prepare_noise(one, s) for s in seeds])
-        self.latent = torch.zeros_like(self.noise)
+        super().__init__(name, seeds, size=size)
+        self.size, self.steps, self.family = size, steps, name.split("_")[0]
 
-    def sample(self, model, positive=None):
+    def run(self, model):
         import comfy.sample
         with torch.inference_mode():
             return comfy.sample.sample(model, self.noise, self.steps, CFG, "euler", SCHEDULER[self.family],
-                                       positive or self.positive, self.negative, self.latent, seed=0,
-                                       disable_pbar=True)
+                                       self.positive, self.negative, self.latent, seed=0, disable_pbar=True)
 
 
-def timed(setup, model, repeats, baseline, positive=None):
+def timed(setup, model, repeats, baseline):
     """(result, seconds of the method, seconds of the uncached run): the fastest of `repeats` runs of each, taken in
     turn (a shared machine only ever slows a run down)."""
     times, base_times, out = [], [], None
     for _ in range(repeats):
         start = time.perf_counter()
-        out = setup.sample(model, positive)
+        out = setup.run(model)
         times.append(time.perf_counter() - start)
         start = time.perf_counter()
-        setup.sample(baseline)
+        setup.run(baseline)
         base_times.append(time.perf_counter() - start)
     return out, min(times), min(base_times)
 
@@ -139,7 +133,7 @@ def skipped(tail, method):
 
 def measure_caches(setup, grid, tail, log):
     baseline = setup.model
-    reference = setup.sample(baseline)
+    reference = setup.run(baseline)
     rows = []
     for method, setting, model in methods(setup, grid):
         tail.last.clear()
@@ -163,7 +157,7 @@ def measure_stitch(setup, grid, tail, classifier, log):
     result and digit accuracy, per fraction of the noise range given to the small model."""
     small_name = setup.name.replace("_large", "_small")
     small = node("StrideDemoModel").execute(small_name, "0123456789", 1, 1.0, False, "large sibling's").result[0]
-    reference = setup.sample(setup.model)
+    reference = setup.run(setup.model)
     rows = []
     for fraction in grid["fractions"]:
         tail.last.clear()

@@ -47,7 +47,7 @@ def write_json(path, data):
 class ModelSetup:
     """A demo model (the oracle, or a trained network), digits x seeds, their noise and conditioning."""
 
-    def __init__(self, name, seeds, digits=range(10), shift=1.0):
+    def __init__(self, name, seeds, digits=range(10), shift=1.0, size=8):
         import comfy.sample
         demo = host.stride("nodes.demo")
         self.name = name
@@ -57,7 +57,7 @@ class ModelSetup:
         self.labels = torch.tensor([d for _ in seeds for d in digits])
         self.model, self.positive, self.negative = demo.load_demo_model(name, self.labels, shift, False)
         self.model_sampling = self.model.get_model_object("model_sampling")
-        one = torch.zeros(len(digits), 4, 8, 8)
+        one = torch.zeros(len(digits), 4, size, size)
         self.noise = torch.cat([comfy.sample.prepare_noise(one, s) for s in seeds])
         self.latent = torch.zeros_like(self.noise)
 

@@ -149,13 +149,9 @@ class StrideTStitch(io.ComfyNode):
 PLAN_VERSION = 1
 
 
-def check_window(start, end, label):
-    if start > end:
-        raise ValueError(f"Stride {label}: start ({start}) must not be after end ({end})")
-
-
 def step_cache(model, threshold, start, end, max_hits, indicator):
-    check_window(start, end, "step cache")
+    if start > end:
+        raise ValueError(f"Stride step cache: start ({start}) must not be after end ({end})")
     units = [u for u in units_of(model) if u[2][0] == "dit"] if indicator == "first block residual" else []
     if indicator == "first block residual" and not any(family == "double" for _, family, _ in units):
         raise ValueError("Stride step cache: 'first block residual' needs a Flux-style DiT (its blocks are patched "

@@ -41,6 +41,11 @@ def units_of(model):
     return units
 
 
+def flat(value):
+    """A unit's output as one tensor (a block's residuals: its streams flattened and joined)."""
+    return torch.cat([v.flatten() for v in value.values()]) if isinstance(value, dict) else value
+
+
 def chunk_of(transformer_options, x):
     """What a cache entry belongs to: the cond/uncond set, the conditionings (ComfyUI's uuids) and the shape."""
     return (tuple(transformer_options.get("cond_or_uncond", [])), tuple(map(str, transformer_options.get("uuids", []))),
@@ -148,8 +153,7 @@ class Cache:
     def _record(self, unit, value):
         self.stored[(self.current["chunk"], unit)] = value
         if self.meter is not None:
-            flat = torch.cat([v.flatten() for v in value.values()]) if isinstance(value, dict) else value
-            self.meter.update(self.current["chunk"], self.current["index"], unit, flat)
+            self.meter.update(self.current["chunk"], self.current["index"], unit, flat(value))
 
     def block(self, unit):
         """A "dit" block replacement: reuse the block's residuals (out - in of every stream) or run the block."""
@@ -276,7 +280,7 @@ class AdaptivePolicy:
         if self.indicator != "first_block" or unit != self.first_unit:
             return
         chunk = cache.current["chunk"]
-        value = torch.cat([v.flatten() for v in residual.values()])
+        value = flat(residual)
         previous = self.first.get(chunk)
         if previous is not None and previous.shape == value.shape \
                 and self.test.reuse(chunk, rel_l1(value, previous), cache.current["progress"]):

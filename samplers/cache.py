@@ -83,7 +83,12 @@ def quantile_plan(rates, families, tau, nonskip):
 def step_gate(step_rates, tau_step, nonskip):
     """c[t]: the step-level rate below its tau_step-quantile over the allowed calls; a gated call forces the next
     one to full compute."""
-    gate = quantile_plan(step_rates[:, None], ["step"], tau_step, nonskip)[:, 0]
+    return spaced(quantile_plan(step_rates[:, None], ["step"], tau_step, nonskip)[:, 0])
+
+
+def spaced(gate):
+    """The gate with every call right after a gated one ungated (that call computes in full)."""
+    gate = gate.clone()
     for t in range(1, len(gate)):
         if gate[t - 1]:
             gate[t] = False
@@ -97,10 +102,8 @@ class Plan:
 
     def __init__(self, units, families, cache, gate):
         self.units, self.families = list(units), list(families)
-        self.cache, self.gate = cache.clone(), gate.clone()
-        for t in range(1, len(gate)):
-            if self.gate[t - 1]:
-                self.cache[t] = self.gate[t] = False
+        self.cache, self.gate = cache.clone(), spaced(gate)
+        self.cache[1:][self.gate[:-1]] = False
 
     def cached(self, t, unit):
         if t >= len(self.gate):
