@@ -214,10 +214,11 @@ def parse_plan(text):
     return data, Plan.from_json(data)
 
 
-def apply_plan(model, text):
-    """The model with the plan's cache: refused for another model or another block layout."""
+def apply_plan(model, text, fp=None):
+    """The model with the plan's cache: refused for another model or another block layout (fp: the model's
+    fingerprint, when already taken)."""
     data, plan = parse_plan(text)
-    fp = store.fingerprint(model)
+    fp = fp or store.fingerprint(model)
     if data["model"] != fp["id"]:
         raise ValueError(f"Stride cache plan: made for model {data['model']}, this model is {fp['id']} (another "
                          "checkpoint, LoRA or patch); calibrate a plan for this model")
@@ -231,7 +232,8 @@ def calibrate_plan(model, positive, negative, latent_image, sampler_name, schedu
                    quantile, step_quantile, nonskip, sigmas=None):
     """InvarDiff's calibration on the user's sampler and schedule (ComfyUI's own sampling path): two measuring
     runs (the second with the first plan's stale references), then one run of the plan to measure its error
-    against the full result on the calibration noises. Returns the plan text (stored, and reused when stored)."""
+    against the full result on the calibration noises. Returns the plan text (stored, and reused when stored) and
+    the model's fingerprint."""
     if sigmas is not None:
         check_sigmas(sigmas, "cache plan")
     latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
@@ -244,7 +246,7 @@ def calibrate_plan(model, positive, negative, latent_image, sampler_name, schedu
     found = store.find("cache_plan", settings, fp)
     if found is not None:
         logging.info("Stride cache plan: reused %s (no model run)", found[2])
-        return found[1]["info"]["text"]
+        return found[1]["info"]["text"], fp
     units = units_of(model)
     names, families = [u[0] for u in units], [u[1] for u in units]
     noise = comfy.sample.prepare_noise(latent, seed)
@@ -280,7 +282,7 @@ def calibrate_plan(model, positive, negative, latent_image, sampler_name, schedu
                  model.model.__class__.__name__, sampler_name, total // 3, samples, len(units))
     plan = fit_plan(measure, names, families, quantile, step_quantile, nonskip)
     text = plan_text(fp, sampler_name, seen["call_sigmas"], plan, 0.0)
-    cached = run(apply_plan(model, text))
+    cached = run(apply_plan(model, text, fp))
     error = float((cached - seen["full"]).norm() / seen["full"].norm().clamp_min(1e-12))
     text = plan_text(fp, sampler_name, seen["call_sigmas"], plan, error)
     seconds = time.perf_counter() - start
@@ -289,7 +291,7 @@ def calibrate_plan(model, positive, negative, latent_image, sampler_name, schedu
     logging.info("Stride cache plan: %.0f%% of block evaluations planned from the cache, %d gated calls of %d; "
                  "relative error against the full run %.4g on the calibration noises (%.1f s)", 100 * plan.share(),
                  int(plan.gate.sum()), len(plan.gate), error, seconds)
-    return text
+    return text, fp
 
 
 class StrideCalibrateCachePlan(io.ComfyNode):
@@ -331,9 +333,9 @@ class StrideCalibrateCachePlan(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, latent_image, sampler_name, scheduler, steps, cfg, samples, seed,
                 quantile, step_quantile, nonskip, sigmas=None) -> io.NodeOutput:
-        text = calibrate_plan(model, positive, negative, latent_image, sampler_name, scheduler, steps, cfg, samples,
+        text, fp = calibrate_plan(model, positive, negative, latent_image, sampler_name, scheduler, steps, cfg, samples,
                               seed, quantile, step_quantile, nonskip, sigmas)
-        return io.NodeOutput(apply_plan(model, text), text)
+        return io.NodeOutput(apply_plan(model, text, fp), text)
 
 
 class StrideCachePlan(io.ComfyNode):
