@@ -10,7 +10,7 @@ import tempfile
 import uuid
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMFY_ROOT = os.environ.get("STRIDE_COMFYUI", os.path.join(REPO, ".comfyui", "ComfyUI"))
+COMFY_ROOT = os.path.abspath(os.environ.get("STRIDE_COMFYUI", os.path.join(REPO, ".comfyui", "ComfyUI")))
 STUBS = os.path.join(REPO, "tools", "stubs")
 _state = {}
 
@@ -82,7 +82,7 @@ def run_prompt(prompt):
     if not valid:
         raise ValueError(f"prompt failed validation: {error} {node_errors}")
     executor = execution.PromptExecutor(_Server(), cache_type=execution.CacheType.CLASSIC,
-                                        cache_args={"lru": 0, "ram": 0})
+                                        cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
     executor.execute(prompt, prompt_id, {"client_id": None}, outputs)
     if not executor.success:
         messages = [m for m in executor.status_messages if m[0] == "execution_error"]

@@ -150,7 +150,8 @@ def train_model(nm, name, split):
     ema_loss = held_out_loss(model, embedding, family, split)
     print(f"  {name}: {seconds:.0f} s, final training loss {sum(recent) / len(recent):.4f}, held-out loss "
           f"{raw_loss:.4f} (raw weights) / {ema_loss:.4f} (EMA, saved)", flush=True)
-    tensors = {f"diffusion_model.{k}": v for k, v in model.diffusion_model.state_dict().items()}
+    shipped = nm.shipped_state(model.diffusion_model.state_dict())  # loadable on every supported ComfyUI
+    tensors = {f"diffusion_model.{k}": v for k, v in shipped.items()}
     tensors.update({f"embedding.{k}": v for k, v in embedding.state_dict().items()})
     meta = {**{k: str(v) for k, v in cfg.items()}, "seed": str(SEED), "family": family,
             "parameters": str(n_params), "final_loss": f"{sum(recent) / len(recent):.5f}",

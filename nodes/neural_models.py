@@ -22,6 +22,8 @@ import comfy.model_management
 import comfy.model_patcher
 import comfy.supported_models
 
+from .compat import flux_unet_config, load_diffusion_weights, shipped_state  # noqa: F401 (train.py)
+
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo", "weights")
 NULL_LABEL = 10
 
@@ -55,8 +57,10 @@ def build_base_model(name):
     if name not in SPECS:
         raise ValueError(f"unknown Stride model {name!r}; choose one of {list(SPECS)}")
     spec = SPECS[name]
-    config_class = comfy.supported_models.SD15 if spec["family"] == "unet" else comfy.supported_models.Flux
-    config = config_class(dict(spec["unet_config"]))
+    if spec["family"] == "unet":
+        config = comfy.supported_models.SD15(dict(spec["unet_config"]))
+    else:
+        config = comfy.supported_models.Flux(flux_unet_config(spec["unet_config"]))
     config.set_inference_dtype(torch.float32, None)
     config.latent_format = comfy.latent_formats.LatentFormat()
     return config.get_model({}, "", device=torch.device("cpu"))
@@ -112,7 +116,7 @@ def load_model(name):
     emb = {k[len("embedding."):]: v.float() for k, v in tensors.items() if k.startswith("embedding.")}
     net = {k[len("diffusion_model."):]: v.float() for k, v in tensors.items() if k.startswith("diffusion_model.")}
     embedding.load_state_dict(emb)
-    missing, unexpected = model.diffusion_model.load_state_dict(net, strict=False)
+    missing, unexpected = load_diffusion_weights(model.model_config, model.diffusion_model, net)
     if missing or unexpected:
         raise ValueError(f"{path} does not match the {name} architecture (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}); retrain with demo/train.py")

@@ -26,6 +26,7 @@ import comfy.latent_formats
 import comfy.model_management
 import comfy.model_patcher
 import comfy.supported_models
+from bench import host
 
 UNET_CONTEXT_DIM = 64
 DIT_CONTEXT_DIM = 32
@@ -99,7 +100,8 @@ def build_tiny_dit(seed=0):
         "num_heads": 2, "depth": 2, "depth_single_blocks": 2, "axes_dim": [8, 12, 12], "theta": 10000,
         "patch_size": 2, "qkv_bias": True,
     }
-    patcher = _patcher(comfy.supported_models.Flux(unet_config), seed)
+    flux_unet_config = host.stride("nodes.compat").flux_unet_config
+    patcher = _patcher(comfy.supported_models.Flux(flux_unet_config(unet_config)), seed)
 
     def conditioning(batch=1, seed=1, guidance=3.5):
         # Flux needs pooled_output (its encode_adm reads it); guidance feeds the guidance embedding.

@@ -1,9 +1,4 @@
-"""Import-time stand-in for torchvision (PyPI's build does not load beside the CPU torch 2.13.0).
+"""Import-time stand-in for torchvision (see stride_absent.py)."""
+from stride_absent import module_getattr
 
-ComfyUI imports torchvision.transforms at import time in a few model families that Stride's tests
-never run; any real use fails loudly.
-"""
-
-
-def __getattr__(name):
-    raise ImportError(f"torchvision.{name} is not available in Stride's test environment")
+__getattr__ = module_getattr(__name__)

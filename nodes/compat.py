@@ -1,0 +1,36 @@
+"""Bridge: where the ComfyUI versions Stride supports (0.3.75 to 0.33+) differ, bridged by feature detection.
+
+Each difference is bridged here once, by looking at what the running ComfyUI has (never by its version string).
+"""
+import dataclasses
+
+import comfy.ldm.flux.model
+
+# Stride ships Flux-family weights with the QK-norm parameters named as ComfyUI 0.3.75 names them (`.scale`);
+# newer trees name them `.weight` and convert old checkpoints in `process_unet_state_dict`.
+_SHIPPED_NORMS = (".query_norm.", ".key_norm.")
+
+
+def flux_unet_config(unet_config):
+    """A Flux unet_config for this ComfyUI: newer FluxParams require `txt_ids_dims` ([] = the all-zero text
+    positions that older trees always used); older ones refuse the field."""
+    fields = {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
+    if "txt_ids_dims" in fields and "txt_ids_dims" not in unet_config:
+        return {**unet_config, "txt_ids_dims": []}
+    return dict(unet_config)
+
+
+def load_diffusion_weights(model_config, diffusion_model, state_dict):
+    """Load shipped weights into `diffusion_model` through the config's own key conversion (a no-op where the
+    running ComfyUI uses the shipped names). Returns (missing, unexpected) like load_state_dict(strict=False)."""
+    converted = model_config.process_unet_state_dict(dict(state_dict))
+    return diffusion_model.load_state_dict(converted, strict=False)
+
+
+def shipped_state(state_dict):
+    """A diffusion model's state dict with keys as Stride ships them (loadable on every supported ComfyUI)."""
+    def shipped(key):
+        if any(n in key for n in _SHIPPED_NORMS) and key.endswith(".weight"):
+            return key[:-len(".weight")] + ".scale"
+        return key
+    return {shipped(k): v for k, v in state_dict.items()}
