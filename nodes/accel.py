@@ -25,6 +25,7 @@ from . import calibration_store as store
 from .cache import AdaptivePolicy, Cache, PlanPolicy, units_of
 from .calibration import conditioning_digest
 from .guidance import progress
+from .runstate import PerRun, Run
 
 KEY = "stride_tstitch"
 CATEGORY = "sampling/stride/accelerators"
@@ -56,45 +57,47 @@ def check_stitchable(large, small):
 
 class TStitch:
     """The APPLY_MODEL wrapper (small model while progress < fraction) and the OUTER_SAMPLE wrapper (load the small
-    model, reset and log the per-run counts)."""
+    model; count and log per run, in the run's own state: nodes/runstate.py)."""
 
     def __init__(self, small, fraction):
         self.small, self.fraction = small, fraction
-        self.reset()
+        self.runs = PerRun(KEY, self.new_run, self.log)
 
-    def reset(self):
-        self.small_calls = self.large_calls = 0
-        self.small_seconds = self.large_seconds = 0.0
-
-    def outer(self, executor, *args, **kwargs):
-        self.reset()
+    def new_run(self, options):
         comfy.model_management.load_models_gpu([self.small])
-        try:
-            return executor(*args, **kwargs)
-        finally:
-            total = self.small_calls + self.large_calls
-            if total:
-                spent = self.small_seconds + self.large_seconds
-                speedup = (f"x{self.large_seconds / self.large_calls * total / spent:.2f} measured (against every "
-                           "call at the large calls' mean time)" if self.large_calls and spent else "n/a")
-                logging.info("Stride T-Stitch: %d of %d model calls by the small model (the first %.0f%% of the noise "
-                             "range); %.2f s small, %.2f s large; speedup %s", self.small_calls, total,
-                             100 * self.fraction, self.small_seconds, self.large_seconds, speedup)
+        return Run(small_calls=0, large_calls=0, small_seconds=0.0, large_seconds=0.0, start=time.perf_counter())
+
+    def log(self, run):
+        total = run.small_calls + run.large_calls
+        if not total:
+            return
+        estimate = ""
+        if run.large_calls and run.small_calls:  # labelled: an estimate from the large calls' mean time
+            all_large = run.large_seconds / run.large_calls * total
+            estimate = (f"; estimated speedup in the model x{all_large / (run.small_seconds + run.large_seconds):.2f} "
+                        f"(against {total} calls at the large calls' mean time)")
+        logging.info("Stride T-Stitch: %d of %d model calls by the small model (the first %.0f%% of the noise range); "
+                     "run %.2f s wall time; %.2f s small, %.2f s large%s", run.small_calls, total, 100 * self.fraction,
+                     time.perf_counter() - run.start, run.small_seconds, run.large_seconds, estimate)
 
     def apply_model(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
                     **kwargs):
+        run = self.runs.find(transformer_options, "T-Stitch")
         ms = executor.class_obj.model_sampling
         start = time.perf_counter()
-        if self.fraction >= 1.0 or progress(ms, float(t.max())) < self.fraction:
+        small = self.fraction >= 1.0 or progress(ms, float(t.max())) < self.fraction
+        if small and run is not None:
             options = small_options(self.small, transformer_options)
             out = self.small.model.apply_model(x, t, c_concat=c_concat, c_crossattn=c_crossattn, control=control,
                                                transformer_options=options, **kwargs)
-            self.small_calls += 1
-            self.small_seconds += time.perf_counter() - start
-            return out
-        out = executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-        self.large_calls += 1
-        self.large_seconds += time.perf_counter() - start
+        else:
+            out = executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        if run is not None:
+            with run.lock:
+                if small:
+                    run.small_calls, run.small_seconds = run.small_calls + 1, run.small_seconds + time.perf_counter() - start
+                else:
+                    run.large_calls, run.large_seconds = run.large_calls + 1, run.large_seconds + time.perf_counter() - start
         return out
 
 
@@ -116,7 +119,7 @@ def tstitch(large, small, fraction):
     check_stitchable(large, small)
     patched = large.clone()
     stitch = TStitch(small, fraction)
-    patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, KEY, stitch.outer)
+    patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, KEY, stitch.runs.outer)
     patched.add_wrapper_with_key(WrappersMP.APPLY_MODEL, KEY, stitch.apply_model)
     return patched
 
@@ -274,8 +277,8 @@ def calibrate_plan(model, positive, negative, latent_image, sampler_name, schedu
             seen["full"] = out
             logging.info("Stride cache plan: the first of 3 calibration runs took %.1f s; about %.0f s to go",
                          time.perf_counter() - start, 2 * (time.perf_counter() - start))
-        seen["call_sigmas"] = cache.call_sigmas
-        calls = len(cache.call_sigmas)
+        seen["call_sigmas"] = cache.last_run.call_sigmas
+        calls = len(seen["call_sigmas"])
         return meter.mean(calls, names), meter.mean(calls, ["step"])[:, 0]
     start = time.perf_counter()
     logging.info("Stride cache plan: calibrating %s with %s, 3 runs of %d steps on a batch of %d (%d blocks)",

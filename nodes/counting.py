@@ -3,6 +3,7 @@
 NFE counts evaluations that include the conditional pass (a CFG pair batched or split counts once);
 unconditional passes are counted separately, since that is what guidance tweaks save.
 """
+import threading
 import time
 
 import comfy.patcher_extension
@@ -11,7 +12,11 @@ KEY = "stride_call_counter"
 
 
 class ModelCallCounter:
+    """Counts over every run of its clone until reset(), from any thread (ComfyUI's multi-GPU work units call
+    wrappers from worker threads): updates under a lock."""
+
     def __init__(self):
+        self.lock = threading.Lock()
         self.reset()
 
     def reset(self):
@@ -25,11 +30,12 @@ class ModelCallCounter:
 
     def __call__(self, executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
         chunks = transformer_options.get("cond_or_uncond", [0])
-        self.cond += 0 in chunks
-        self.uncond += 1 in chunks
         start = time.perf_counter()
         out = executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-        self.seconds += time.perf_counter() - start
+        with self.lock:
+            self.cond += 0 in chunks
+            self.uncond += 1 in chunks
+            self.seconds += time.perf_counter() - start
         return out
 
 

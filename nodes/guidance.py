@@ -10,6 +10,7 @@ import comfy.samplers
 from comfy_api.latest import io
 
 from ..samplers import guidance
+from .runstate import PerRun, Run
 
 KEY = "stride_guidance"
 CATEGORY = "sampling/stride/guidance"
@@ -40,52 +41,43 @@ def warn_if_distilled(model, what):
                         "trained for. Use its own guidance input (FluxGuidance) with cfg 1 instead.")
 
 
-class ScheduleStats:
-    """Per run: denoiser calls, unconditional passes skipped, and whether the guider was left alone (warned once);
-    logged at the end of each run."""
-
-    def __init__(self, label):
-        self.label, self.calls, self.skipped, self.warned = label, 0, 0, False
-
-    def outer(self, executor, *args, **kwargs):
-        self.calls = self.skipped = 0
-        self.warned = False
-        try:
-            return executor(*args, **kwargs)
-        finally:
-            if self.calls:
-                full, done = 2 * self.calls, 2 * self.calls - self.skipped
-                logging.info(f"Stride {self.label}: unconditional pass skipped in {self.skipped} of {self.calls} "
-                             f"denoiser calls; {done} model evaluations instead of {full} (x{full / done:.2f})")
+def log_schedule(label, run):
+    if run.calls:
+        full, done = 2 * run.calls, 2 * run.calls - run.skipped
+        logging.info(f"Stride {label}: unconditional pass skipped in {run.skipped} of {run.calls} denoiser calls; "
+                     f"{done} model evaluations instead of {full} (x{full / done:.2f})")
 
 
 def schedule_patch(model, scale_at, label):
     """A clone of model whose CFG scale at each step is scale_at(model_sampling, sigma, base_cfg); where it is 1
-    ComfyUI skips the unconditional pass (its cfg = 1 shortcut, taken per step)."""
-    stats = ScheduleStats(label)
+    ComfyUI skips the unconditional pass (its cfg = 1 shortcut, taken per step). Counts are kept per run
+    (nodes/runstate.py); the guider's scale is set for one call at a time (under the run's lock)."""
+    runs = PerRun(KEY, lambda options: Run(calls=0, skipped=0, warned=False), lambda run: log_schedule(label, run))
 
     def predict_noise(executor, x, timestep, model_options, seed):
         guider = executor.class_obj
+        run = runs.find(model_options.get("transformer_options"), label)
         plain_cfg = isinstance(guider, comfy.samplers.CFGGuider) and "negative" in guider.conds and \
             type(guider).predict_noise is comfy.samplers.CFGGuider.predict_noise  # not BasicGuider, DualCFG, ...
-        if not plain_cfg:
-            if not stats.warned:
+        if run is None or not plain_cfg:
+            if run is not None and not run.warned:
                 logging.warning(f"Stride {label}: the guider {type(guider).__name__} is not plain CFG with a negative "
                                 "conditioning; schedule not applied")
-                stats.warned = True
+                run.warned = True
             return executor(x, timestep, model_options, seed)
-        base = guider.cfg
-        guider.cfg = scale_at(guider.model_patcher.get_model_object("model_sampling"), timestep[0], base)
-        stats.calls += 1
-        stats.skipped += math.isclose(guider.cfg, 1.0) and not model_options.get("disable_cfg1_optimization", False)
-        try:
-            return executor(x, timestep, model_options, seed)
-        finally:
-            guider.cfg = base
+        with run.lock:
+            base = guider.cfg
+            guider.cfg = scale_at(guider.model_patcher.get_model_object("model_sampling"), timestep[0], base)
+            run.calls += 1
+            run.skipped += math.isclose(guider.cfg, 1.0) and not model_options.get("disable_cfg1_optimization", False)
+            try:
+                return executor(x, timestep, model_options, seed)
+            finally:
+                guider.cfg = base
 
     patched = model.clone()
     patched.add_wrapper_with_key(WrappersMP.PREDICT_NOISE, KEY, predict_noise)
-    patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, KEY, stats.outer)
+    patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, KEY, runs.outer)
     return patched
 
 
