@@ -101,7 +101,9 @@ def sample_exponential(model, x, sigmas, extra_args=None, callback=None, disable
         combine = _chain([p.combine for p in plugins if type(p).combine is not Plugin.combine])
         if combine and order > 2:
             raise ValueError("Stride: momentum applies to DPM-Solver++ of order 1 or 2")
-        update = lambda *a: dpmpp_update(*a, combine=combine)
+        # momentum averages the solver's own update only: a warm-up step of lower order neither uses nor seeds it
+        # (the reference, momentum-diffusion's MomentumDPMSolverMultistepScheduler, starts v at the first 2M step)
+        update = lambda *a: dpmpp_update(*a, combine=combine if a[5] == order else None)
     else:
         update = lambda *a: unipc_update(*a, variant=variant)
     s = per_sample(sigmas[0], x)

@@ -63,7 +63,8 @@ class DualFast(Plugin):
 
 class HeavyBall(Plugin):
     """Heavy-Ball momentum on DPM-Solver++(2M) (Wizadwongsa et al. 2024, arXiv:2307.11118): the combined data
-    prediction c_n is averaged, v_n = (1 - beta) v_{n-1} + beta c_n, and the step uses v_n (beta = 1: plain 2M)."""
+    prediction c_n is averaged, v_n = (1 - beta) v_{n-1} + beta c_n, and the step uses v_n (beta = 1: plain 2M).
+    Only steps of the solver's full order are averaged: 2M's first-order warm-up step neither uses nor seeds v."""
 
     def __init__(self, beta):
         if not 0.0 < beta <= 1.0:
