@@ -60,7 +60,12 @@ def resize(x, size):
 
 
 def stage_sizes(shape, scales, multiple):
-    """(h, w) of each stage; a scale below 1 must give integer sizes divisible by `multiple` (the patch size)."""
+    """(h, w) of each stage; a scale below 1 must give integer sizes divisible by `multiple` (the patch size).
+    Image latents [B, C, H, W] only: video latents and ComfyUI's packed audio+video latents [B, 1, N] are refused."""
+    if len(shape) != 4:
+        raise ValueError(f"Stride bottleneck: resizes image latents [batch, channels, height, width]; this latent has "
+                         f"shape {tuple(shape)} (a video latent, or audio+video packed flat), which it cannot resize; "
+                         "use another Stride sampler for this model")
     H, W = shape[-2:]
     sizes = []
     for k, s in enumerate(scales):

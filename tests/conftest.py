@@ -81,3 +81,9 @@ def run_prompt():
         outputs = host.run_prompt(prompt)
         return outputs, dict(captured)
     return run
+
+
+def pytest_report_header(config):
+    """The ComfyUI tree this run tests against (make test runs the suite on each supported version)."""
+    import comfyui_version
+    return f"ComfyUI {comfyui_version.__version__} at {host.COMFY_ROOT}"

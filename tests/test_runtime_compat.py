@@ -1,0 +1,118 @@
+"""What newer ComfyUI runtimes hand Stride: latents the guider cast to float32 and audio+video latents packed flat
+([B, 1, N]), weights that move between devices between calls, and new built-in sampler names inserted into the
+lists Stride appends its `stride_*` names to."""
+import inspect
+
+import pytest
+import torch
+
+import comfy.samplers
+from test_accel_comfy import demo
+
+SHAPE = (2, 4, 8, 8)
+
+
+def packed_noise(seed=0):
+    """A noise sampler whose draws do not depend on the latent's layout (the same numbers, reshaped)."""
+    gen = torch.Generator().manual_seed(seed)
+    return lambda like: (lambda s, s_next: torch.randn(SHAPE, generator=gen, dtype=torch.float64).reshape(like.shape))
+
+
+@pytest.mark.parametrize("name", ["stride_dpmpp_2m", "stride_dpmpp_3m", "stride_unipc", "stride_unipc_bh2",
+                                  "stride_ddim_dualfast", "stride_dpmpp_2m_dualfast", "stride_unipc_dualfast",
+                                  "stride_dpmpp_2m_hb", "stride_plms_hb", "stride_ghvb", "stride_dpmpp_2m_ts",
+                                  "stride_flowturbo", "stride_mixed_sde"])
+@pytest.mark.parametrize("flow", [False, True])
+def test_every_stride_sampler_runs_on_a_packed_latent(stride, guided_oracle, name, flow):
+    """A [B, 1, N] latent (ComfyUI's packing of nested latents) samples exactly as its [B, C, H, W] layout."""
+    fn, options = stride("nodes.sampler_bridge").KSAMPLERS[name]
+    core = stride("samplers.core")
+    param = core.Param(True, 0.9999) if flow else core.VE
+    denoise = guided_oracle(flow, [3, 7], 3.0)
+    sigmas = torch.linspace(0.999, 0, 9, dtype=torch.float64) if flow else \
+        torch.tensor([14.6, 6.0, 2.8, 1.3, 0.6, 0.25, 0.08, 0.03, 0.0], dtype=torch.float64)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * sigmas[0]
+    runs = []
+    for layout in (SHAPE, (SHAPE[0], 1, -1)):
+        model = lambda y, s, **kw: denoise(y.reshape(SHAPE), s).reshape(y.shape)
+        y = x.reshape(layout)
+        accepts = inspect.signature(fn).parameters
+        extra = {"param": param} if "param" in accepts else {}
+        if "noise_sampler" in accepts:
+            extra["noise_sampler"] = packed_noise()(y)
+        runs.append(fn(model, y, sigmas, {}, None, True, **{**options, **extra}).reshape(SHAPE))
+    assert torch.isfinite(runs[0]).all()
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-9, atol=1e-9)
+
+
+def test_bottleneck_refuses_a_packed_latent_by_name(stride):
+    bottleneck = stride("samplers.bottleneck")
+    x = torch.zeros(1, 1, 256)
+    with pytest.raises(ValueError, match="packed flat"):
+        bottleneck.sample_bottleneck(lambda y, s, **kw: y, x, torch.tensor([1.0, 0.5, 0.2, 0.0]),
+                                     scales=(0.5, 1.0), fractions=(0.5, 0.5), strengths=(1.0, 0.8),
+                                     shifts=(1.0, 1.0))
+
+
+class ReuseUnits:
+    """A cache policy that reuses every stored unit (the runtime's bookkeeping is what is under test)."""
+    def reset(self):
+        pass
+
+    def unit(self, call, unit):
+        return True
+
+    def block_done(self, call, unit, residual):
+        pass
+
+
+def test_reused_blocks_follow_the_dtype_and_device_of_the_call(stride):
+    """A block residual stored in float32 answers a call whose streams are bfloat16 (ComfyUI may cast or move the
+    weights between calls, as dynamic VRAM does): the reused residual takes the call's dtype and device, so the
+    block's output matches its input as the model's own block would."""
+    cache_mod = stride("nodes.cache")
+    cache = cache_mod.Cache("cache plan", [], ReuseUnits())
+    replace = cache.block("double_block.0")
+    run = cache.new_run({})
+    cache.local.call = {"run": run, "chunk": "c", "index": 0, "progress": 0.5, "reused": 0, "skip_rest": False}
+    block = lambda args: {"img": args["img"] + 1.0, "txt": args["txt"] * 2.0}
+    first = {"img": torch.zeros(1, 4, 8), "txt": torch.ones(1, 2, 8)}
+    replace(first, {"original_block": block})
+    assert run.unit_hits == 0
+    second = {"img": torch.zeros(1, 4, 8, dtype=torch.bfloat16), "txt": torch.ones(1, 2, 8, dtype=torch.bfloat16)}
+    out = replace(second, {"original_block": block})
+    assert run.unit_hits == 1
+    assert {k: v.dtype for k, v in out.items()} == {"img": torch.bfloat16, "txt": torch.bfloat16}
+    torch.testing.assert_close(out["img"].float(), torch.ones(1, 4, 8))
+    torch.testing.assert_close(out["txt"].float(), torch.full((1, 2, 8), 2.0))
+    cache.local.call = None
+
+
+def test_stride_names_are_appended_in_place_and_survive_new_builtin_names(stride, run_prompt):
+    """ComfyUI's name lists keep their identity (other packs and nodes hold references to them); a saved workflow
+    naming a stride_* sampler still runs when ComfyUI inserts built-in names before it."""
+    lists = (comfy.samplers.KSAMPLER_NAMES, comfy.samplers.SAMPLER_NAMES, comfy.samplers.KSampler.SAMPLERS)
+    ids = [id(names) for names in lists]
+    before = [list(names) for names in lists]
+    stride("nodes.sampler_bridge").register_ksampler_names()  # again: idempotent
+    assert [id(names) for names in lists] == ids and [list(n) for n in lists] == before
+    assert comfy.samplers.KSampler.SAMPLERS is comfy.samplers.SAMPLER_NAMES
+    assert "stride_dpmpp_2m" in comfy.samplers.KSAMPLER_NAMES and "stride_dpmpp_2m" in comfy.samplers.SAMPLER_NAMES
+    position = comfy.samplers.SAMPLER_NAMES.index("euler") + 1
+    inserted = [n for n in (comfy.samplers.KSAMPLER_NAMES, comfy.samplers.SAMPLER_NAMES)]
+    for names in inserted:
+        names.insert(position, "a_new_builtin_sampler")
+    try:
+        prompt = {
+            "m": {"class_type": "StrideDemoModel", "inputs": {"model": "oracle_eps", "digits": "3", "repeats": 1,
+                                                            "shift": 1.0, "zero_terminal_snr": False}},
+            "k": {"class_type": "KSampler", "inputs": {"model": ["m", 0], "positive": ["m", 1], "negative": ["m", 2],
+                                                      "latent_image": ["m", 3], "seed": 1, "steps": 4, "cfg": 2.0,
+                                                      "sampler_name": "stride_dpmpp_2m", "scheduler": "karras",
+                                                      "denoise": 1.0}},
+            "c": {"class_type": "StrideTestCapture", "inputs": {"latent": ["k", 0], "key": "out"}}}
+        _, captured = run_prompt(prompt)
+        assert torch.isfinite(captured["out"]).all()
+    finally:
+        for names in inserted:
+            names.remove("a_new_builtin_sampler")
