@@ -116,3 +116,25 @@ def test_stride_names_are_appended_in_place_and_survive_new_builtin_names(stride
     finally:
         for names in inserted:
             names.remove("a_new_builtin_sampler")
+
+
+@pytest.mark.parametrize("model", ["oracle_eps", "oracle_flow", "unet_small", "unet_large", "dit_small", "dit_large"])
+def test_every_demo_model_samples_through_a_stride_name_and_the_step_cache(run_prompt, caplog, model):
+    """Each embedded model through the plain KSampler with a stride_* name, and through the step cache (permissive
+    threshold: it must reuse calls, and say so)."""
+    loader = {"class_type": "StrideDemoModel", "inputs": {"model": model, "digits": "37", "repeats": 1, "shift": 1.0,
+                                                          "zero_terminal_snr": False}}
+    cache = {"class_type": "StrideStepCache", "inputs": {"model": ["m", 0], "threshold": 5.0, "start": 0.0, "end": 1.0,
+                                                         "max_hits": 1, "indicator": "input change"}}
+    ksampler = lambda source, name: {"class_type": "KSampler", "inputs": {
+        "model": source, "positive": ["m", 1], "negative": ["m", 2], "latent_image": ["m", 3], "seed": 2, "steps": 6,
+        "cfg": 2.0, "sampler_name": name, "scheduler": "karras" if "eps" in model or "unet" in model else "simple",
+        "denoise": 1.0}}
+    prompt = {"m": loader, "sc": cache, "k1": ksampler(["m", 0], "stride_dpmpp_2m"), "k2": ksampler(["sc", 0], "euler"),
+              "c1": {"class_type": "StrideTestCapture", "inputs": {"latent": ["k1", 0], "key": "stride"}},
+              "c2": {"class_type": "StrideTestCapture", "inputs": {"latent": ["k2", 0], "key": "cached"}}}
+    with caplog.at_level("INFO"):
+        _, captured = run_prompt(prompt)
+    assert torch.isfinite(captured["stride"]).all() and torch.isfinite(captured["cached"]).all()
+    log = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Stride step cache:")]
+    assert len(log) == 1 and int(log[0].split(":")[1].split()[0]) > 0, log
