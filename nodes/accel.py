@@ -23,6 +23,7 @@ from ..samplers.cache import Plan, RateMeter, ReuseTest, fit_plan
 from ..samplers.core import check_sigmas
 from . import calibration_store as store
 from .cache import AdaptivePolicy, Cache, PlanPolicy, units_of
+from .compat import EXPERT
 from .calibration import conditioning_digest
 from .guidance import progress
 from .runstate import PerRun, Run
@@ -93,11 +94,12 @@ class TStitch:
         else:
             out = executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         if run is not None:
+            elapsed = time.perf_counter() - start
             with run.lock:
                 if small:
-                    run.small_calls, run.small_seconds = run.small_calls + 1, run.small_seconds + time.perf_counter() - start
+                    run.small_calls, run.small_seconds = run.small_calls + 1, run.small_seconds + elapsed
                 else:
-                    run.large_calls, run.large_seconds = run.large_calls + 1, run.large_seconds + time.perf_counter() - start
+                    run.large_calls, run.large_seconds = run.large_calls + 1, run.large_seconds + elapsed
         return out
 
 
@@ -181,11 +183,11 @@ class StrideStepCache(io.ComfyNode):
                     io.Float.Input("threshold", default=0.1, min=0.0, max=5.0, step=0.01,
                                    tooltip="Relative change below which stored work is reused (0: never). First "
                                            "block residual: about 0.1 for Flux-style models."),
-                    io.Float.Input("start", default=0.2, min=0.0, max=1.0, step=0.05,
+                    io.Float.Input("start", **EXPERT, default=0.2, min=0.0, max=1.0, step=0.05,
                                    tooltip="No reuse before this point of the noise range (0 = pure noise)."),
-                    io.Float.Input("end", default=0.9, min=0.0, max=1.0, step=0.05,
+                    io.Float.Input("end", **EXPERT, default=0.9, min=0.0, max=1.0, step=0.05,
                                    tooltip="No reuse after this point of the noise range (the last, detail steps)."),
-                    io.Int.Input("max_hits", default=2, min=1, max=10,
+                    io.Int.Input("max_hits", **EXPERT, default=2, min=1, max=10,
                                  tooltip="Reuses in a row at most before the model runs again in full."),
                     io.Combo.Input("indicator", options=["input change", "first block residual"],
                                    default="input change", optional=True,
@@ -318,15 +320,16 @@ class StrideCalibrateCachePlan(io.ComfyNode):
                     io.Int.Input("steps", default=20, min=3, max=200, tooltip="The number of steps you will use."),
                     io.Float.Input("cfg", default=5.0, min=0.0, max=100.0, step=0.1, round=0.01,
                                    tooltip="The guidance scale you will use."),
-                    io.Int.Input("samples", default=2, min=1, max=16, tooltip="Calibration noises (the batch)."),
-                    io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=False,
-                                 tooltip="Seed of the calibration noises."),
+                    io.Int.Input("samples", **EXPERT, default=2, min=1, max=16,
+                                 tooltip="Calibration noises (the batch)."),
+                    io.Int.Input("seed", **EXPERT, default=0, min=0, max=0xffffffffffffffff,
+                                 control_after_generate=False, tooltip="Seed of the calibration noises."),
                     io.Float.Input("quantile", default=0.4, min=0.0, max=1.0, step=0.05,
                                    tooltip="About the share of block evaluations cached (InvarDiff's tau; 0: none)."),
                     io.Float.Input("step_quantile", default=0.3, min=0.0, max=1.0, step=0.05,
                                    tooltip="About the share of calls answered whole from the cache (0: none); the "
                                            "call after such a call always computes in full."),
-                    io.Float.Input("nonskip", default=0.1, min=0.0, max=0.9, step=0.05,
+                    io.Float.Input("nonskip", **EXPERT, default=0.1, min=0.0, max=0.9, step=0.05,
                                    tooltip="Share of the first calls never cached (the layout forms there)."),
                     io.Sigmas.Input("sigmas", optional=True,
                                     tooltip="Optional: calibrate for this schedule (SamplerCustom) instead.")],

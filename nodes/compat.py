@@ -3,8 +3,10 @@
 Each difference is bridged here once, by looking at what the running ComfyUI has (never by its version string).
 """
 import dataclasses
+import inspect
 
 import comfy.ldm.flux.model
+from comfy_api.latest import io
 
 # Stride ships Flux-family weights with the QK-norm parameters named as ComfyUI 0.3.75 names them (`.scale`);
 # newer trees name them `.weight` and convert old checkpoints in `process_unet_state_dict`.
@@ -34,3 +36,12 @@ def shipped_state(state_dict):
             return key[:-len(".weight")] + ".scale"
         return key
     return {shipped(k): v for k, v in state_dict.items()}
+
+
+def _takes_advanced():
+    return "advanced" in inspect.signature(io.Input.__init__).parameters
+
+
+# Keyword arguments for an expert input: folded into the node's advanced section where V3 inputs take `advanced=`
+# (newer trees); nothing on trees without it, where every input shows as before.
+EXPERT = {"advanced": True} if _takes_advanced() else {}

@@ -5,6 +5,7 @@ from comfy_api.latest import io
 
 from ..demo.digits import LATENT_SHAPE, decode
 from . import neural_models
+from .compat import EXPERT
 from .oracle_model import build_oracle_model, digit_conditioning, load_mixture
 
 ORACLES = {"oracle_eps": "eps", "oracle_flow": "flow"}
@@ -66,12 +67,12 @@ class StrideDemoModel(io.ComfyNode):
                                 tooltip="Which digits to draw, one image per digit and per repeat, e.g. '7' or '0123456789'."),
                 io.Int.Input("repeats", default=1, min=1, max=64,
                              tooltip="How many images of each listed digit (the batch is digits x repeats)."),
-                io.Float.Input("shift", default=1.0, min=0.01, max=100.0, step=0.01,
+                io.Float.Input("shift", **EXPERT, default=1.0, min=0.01, max=100.0, step=0.01,
                                tooltip="oracle_flow only: the SD3-style time shift of the schedule (1 = none)."),
-                io.Boolean.Input("zero_terminal_snr", default=False,
+                io.Boolean.Input("zero_terminal_snr", **EXPERT, default=False,
                                  tooltip="oracle_eps only: rescale the SD1.5 schedule to zero terminal SNR "
                                          "(like ModelSamplingDiscrete's zsnr), so sampling starts from pure noise."),
-                io.Combo.Input("conditioning", options=CONDITIONINGS, default=OWN, optional=True,
+                io.Combo.Input("conditioning", **EXPERT, options=CONDITIONINGS, default=OWN, optional=True,
                                tooltip="unet_small / dit_small only, for stitching the small model with its large "
                                        "sibling (T-Stitch), where one conditioning feeds both models. own: the "
                                        "model's own digit embedding. large sibling's: the small model re-expressed, "

@@ -138,3 +138,14 @@ def test_every_demo_model_samples_through_a_stride_name_and_the_step_cache(run_p
     assert torch.isfinite(captured["stride"]).all() and torch.isfinite(captured["cached"]).all()
     log = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Stride step cache:")]
     assert len(log) == 1 and int(log[0].split(":")[1].split()[0]) > 0, log
+
+
+def test_expert_inputs_are_marked_advanced_where_the_api_has_the_flag(node_class):
+    """Where V3 inputs take `advanced=` (newer ComfyUI), Stride's expert inputs carry it and its main inputs do not;
+    where they do not, no input carries it (older ComfyUI would reject the keyword)."""
+    from comfy_api.latest import io
+    has_flag = "advanced" in inspect.signature(io.Input.__init__).parameters
+    info = node_class("StrideStepCache").GET_SCHEMA().get_v1_info(node_class("StrideStepCache"))
+    inputs = {**info.input["required"], **info.input.get("optional", {})}
+    flagged = {name for name, (_, options) in inputs.items() if options.get("advanced")}
+    assert flagged == ({"start", "end", "max_hits"} if has_flag else set())
