@@ -22,7 +22,7 @@ import comfy.model_management
 import comfy.model_patcher
 import comfy.supported_models
 
-from .compat import flux_unet_config, load_diffusion_weights, shipped_state  # noqa: F401 (train.py)
+from .compat import flux_unet_config, load_diffusion_weights, shipped_state  # noqa: F401 (demo/train.py)
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo", "weights")
 NULL_LABEL = 10

@@ -149,3 +149,20 @@ def test_expert_inputs_are_marked_advanced_where_the_api_has_the_flag(node_class
     inputs = {**info.input["required"], **info.input.get("optional", {})}
     flagged = {name for name, (_, options) in inputs.items() if options.get("advanced")}
     assert flagged == ({"start", "end", "max_hits"} if has_flag else set())
+
+
+@pytest.mark.parametrize("name", ["dit_small", "unet_small"])
+def test_retrained_weights_are_saved_in_the_shipped_form_and_load_back(stride, name):
+    """What demo/train.py saves (shipped_state) names Flux's QK norms as every supported ComfyUI can load them, and
+    loads back into this tree's architecture exactly (through the config's own key conversion)."""
+    nm = stride("nodes.neural_models")
+    model = nm.load_model(name)[0].model
+    shipped = nm.shipped_state(model.diffusion_model.state_dict())
+    assert not [k for k in shipped if k.endswith(("query_norm.weight", "key_norm.weight"))]
+    if name.startswith("dit"):
+        assert any(k.endswith("query_norm.scale") for k in shipped)
+    fresh = nm.build_base_model(name)
+    missing, unexpected = nm.load_diffusion_weights(fresh.model_config, fresh.diffusion_model, shipped)
+    assert not missing and not unexpected
+    for key, value in fresh.diffusion_model.state_dict().items():
+        assert torch.equal(value, model.diffusion_model.state_dict()[key]), key

@@ -43,7 +43,7 @@ def _from_tarball(tmp, tarball):
     if found != NEWER_SHA256:
         sys.exit(f"{tarball}: sha256 {found} is not the expected {NEWER_SHA256}; not using it")
     with tarfile.open(tarball) as tar:
-        tar.extractall(tmp, filter="data")
+        tar.extractall(tmp, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     (top,) = [d for d in os.listdir(tmp) if os.path.isdir(os.path.join(tmp, d))]
     return os.path.join(tmp, top)
 
