@@ -255,7 +255,9 @@ def _calibrate_inputs(extra):
         io.Model.Input("model", tooltip="The model to calibrate (with its LoRAs and patches)."),
         io.Conditioning.Input("positive", tooltip="Conditioning of the calibration (prompts like yours)."),
         io.Conditioning.Input("negative", tooltip="Negative conditioning of the calibration."),
-        io.Latent.Input("latent_image", tooltip="A latent of the size you will sample at; repeated to the batch."),
+        io.Latent.Input("latent_image", tooltip="A latent of the size you will sample at; repeated to the batch. For "
+                                                "img2img (a schedule starting below the model's sigma_max), the "
+                                                "image latent you will start from: it is noised to that sigma."),
         io.Float.Input("cfg", default=5.0, min=0.0, max=100.0, step=0.1, round=0.01,
                        tooltip="The guidance scale you will sample with (a calibration holds for one scale)."),
         io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="karras",
@@ -265,7 +267,10 @@ def _calibrate_inputs(extra):
         io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=False,
                      tooltip="Seed of the calibration noises."),
     ] + extra + [io.Sigmas.Input("sigmas", optional=True,
-                                 tooltip="Optional: calibrate for this schedule (e.g. an optimized one) instead.")]
+                                 tooltip="Optional: calibrate for this schedule (e.g. an optimized one, or a split "
+                                         "schedule's tail) instead. A schedule starting below the model's sigma_max "
+                                         "is calibrated from its own start: an empty latent's noises are first "
+                                         "carried down to it by the reference solver.")]
 
 
 def _calibrate(method, model, positive, negative, latent_image, cfg, scheduler, steps, samples, seed, sigmas,
@@ -288,7 +293,7 @@ def _calibrate(method, model, positive, negative, latent_image, cfg, scheduler, 
     estimate = 1 + cost_per_step * (1 if schedule_free else len(sigmas) - 1)
     (values, errors), calls, seconds = calibrate(model, positive, negative, latent_image, cfg, seed, samples,
                                                  estimate, METHODS[method], lambda ctx: fit(method, ctx, sigmas, options),
-                                                 capped=False)
+                                                 capped=False, start=float(sigmas[0]))
     tensors = {"sigmas": sigmas.float()}
     if isinstance(values, dict):  # tensors: in the store, and in the text when small (not per-element statistics)
         tensors.update(values)

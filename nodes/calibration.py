@@ -14,7 +14,8 @@ import comfy.sample
 import comfy.samplers
 import comfy.utils
 
-from ..samplers.schedules.common import Counted, teacher_trajectory
+from ..samplers.multistep import sample_unipc
+from ..samplers.schedules.common import Counted, log_grid, teacher_trajectory
 from .calibration_store import _digest
 from .sampler_bridge import model_param
 
@@ -22,7 +23,9 @@ from .sampler_bridge import model_param
 @dataclass
 class Calibration:
     """What an optimizer gets: the counted guided denoiser, the calibration batch at the first sigma, the
-    model's noise range and parameterization, and run(name, sigmas, x) for any KSampler sampler by name."""
+    model's noise range and parameterization, and run(name, sigmas, x) for any KSampler sampler by name.
+    x is the batch at the schedule's first sigma (the start the calibration was asked for); x_max the same
+    noises at sigma_max (model samples are drawn from there)."""
     denoiser: Counted
     x: torch.Tensor
     param: object  # the model's Param (flow or VE)
@@ -30,6 +33,7 @@ class Calibration:
     sigma_max: float
     run: callable
     inner_model: object  # ComfyUI's CFGGuider; its inner_model is the BaseModel
+    x_max: torch.Tensor = None
 
 
 def conditioning_digest(*conds):
@@ -53,19 +57,48 @@ def model_samples(ctx, points=24):
     sigmas log-spaced over the model's range, from a flow model's capped first sigma), then denoised."""
     top = min(ctx.sigma_max, ctx.param.sigma_cap) if ctx.param.flow else ctx.sigma_max
     grid = torch.exp(torch.linspace(math.log(top), math.log(ctx.sigma_min), points, dtype=torch.float64))
-    return teacher_trajectory(ctx.denoiser, ctx.x, grid, ctx.param.flow)[0][-1]
+    return teacher_trajectory(ctx.denoiser, ctx.x if ctx.x_max is None else ctx.x_max, grid, ctx.param.flow)[0][-1]
 
 
-def calibrate(model, positive, negative, latent, cfg, seed, samples, budget, label, fn, capped=True):
+CARRY_POINTS = 16  # the teacher that carries an empty latent's noises from sigma_max down to a schedule's start
+
+
+def starts_below_max(start, sigma_max):
+    return start is not None and float(start) < sigma_max * (1 - 1e-5)
+
+
+def start_state(x_max, start, noise, latent, base_model, denoiser, param, sigma_max, label):
+    """The calibration batch at the schedule's first sigma `start`, as the user's run would start there: an image
+    latent (img2img, denoise < 1) noised at `start` by the model's own noise scaling; an empty latent (a schedule
+    split after its first steps) carried from sigma_max down to `start` by the teacher (Stride's UniPC-3)."""
+    if not starts_below_max(start, sigma_max):
+        return x_max
+    if torch.count_nonzero(latent) > 0:
+        logging.info("Stride %s: the schedule starts at sigma %.4g below the model's %.4g: calibrating on the latent "
+                     "noised to it (as img2img / denoise < 1 runs)", label, start, sigma_max)
+        latent = base_model.process_latent_in(latent.to(x_max))
+        sigma = torch.tensor([float(start)], dtype=x_max.dtype, device=x_max.device)
+        return base_model.model_sampling.noise_scaling(sigma, noise.to(x_max), latent)
+    logging.info("Stride %s: the schedule starts at sigma %.4g below the model's %.4g: the calibration noises are "
+                 "carried down to it by the reference solver first (as a split schedule's first part would)", label,
+                 start, sigma_max)
+    grid = log_grid(sigma_max, float(start), CARRY_POINTS, param.flow)
+    return sample_unipc(denoiser, x_max, grid, param=param, order=3, variant="bh2")
+
+
+def calibrate(model, positive, negative, latent, cfg, seed, samples, budget, label, fn, capped=True, start=None):
     """fn(Calibration) run inside one ComfyUI sampling pass of the model (a batch of `samples` latents from
-    `latent`, noised from `seed`); returns (fn's result, evaluations used, seconds). budget caps the model
-    evaluations (capped=False: only an estimate, for the progress bar and the cost log)."""
+    `latent`, noised from `seed`, at sigma `start`: by default the model's sigma_max, see start_state); returns
+    (fn's result, evaluations used, seconds). budget caps the model evaluations (capped=False: only an estimate,
+    for the progress bar and the cost log)."""
     latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
     reps = math.ceil(samples / latent_image.shape[0])
     latent_image = latent_image.repeat(reps, *[1] * (latent_image.ndim - 1))[:samples]
     noise = comfy.sample.prepare_noise(latent_image, seed)
     ms = model.get_model_object("model_sampling")
     sigmas = torch.tensor([float(ms.sigma_max), float(ms.sigma_min), 0.0])
+    if starts_below_max(start, float(ms.sigma_max)) and torch.count_nonzero(latent_image) == 0:
+        budget += CARRY_POINTS
     pbar = comfy.utils.ProgressBar(max(int(budget), 1))
     result = {}
 
@@ -83,13 +116,17 @@ def calibrate(model, positive, negative, latent, cfg, seed, samples, budget, lab
             # ComfyUI repeats each conditioning to the batch it is given: a stack of m calibration batches is
             # evaluated batch by batch, so row r keeps the conditioning of calibration sample r % batch.
             chunks = zip(x_.split(batch), s_.split(batch)) if len(x_) % batch == 0 else [(x_, s_)]
-            return torch.cat([model_k(xc.to(dtype), sc.to(dtype), **(kwargs or extra_args)) for xc, sc in chunks]
-                             ).to(x_.dtype)
+            out = torch.cat([model_k(xc.to(dtype), sc.to(dtype), **(kwargs or extra_args)) for xc, sc in chunks])
+            if not bool(torch.isfinite(out).all()):
+                raise ValueError(f"Stride {label}: the model returned NaN or inf at sigma {float(s_.flatten()[0]):.4g} "
+                                 "during the calibration; nothing was stored. Check the model, its patches and "
+                                 "its dtype (fp16 overflow), and calibrate again")
+            return out.to(x_.dtype)
         counted = Counted(guided, batch, budget if capped else None, progress)
         counted.inner_model = model_k.inner_model  # Stride samplers read the model's parameterization here
-        start = time.perf_counter()
+        began = time.perf_counter()
         counted(x, sigmas[:1].expand(x.shape[0]))  # one timed evaluation: the cost estimate
-        per_call = time.perf_counter() - start
+        per_call = time.perf_counter() - began
         logging.info("Stride %s: calibration of %s %d model evaluations on a batch of %d, about %.0f s "
                      "(one evaluation took %.2f s)", label, "up to" if capped else "about", budget, x.shape[0],
                      budget * per_call, per_call)
@@ -98,16 +135,19 @@ def calibrate(model, positive, negative, latent, cfg, seed, samples, budget, lab
             sampler = comfy.samplers.sampler_object(name)
             return sampler.sampler_function(counted, x_.clone(), sigmas_.clone().to(x_.device), extra_args=extra_args,
                                             callback=None, disable=True, **sampler.extra_options)
-        ctx = Calibration(counted, x, model_param(model_k), float(ms.sigma_min), float(ms.sigma_max),
-                          run, model_k.inner_model)
+        param = model_param(model_k)
+        x_start = start_state(x, start, noise, latent_image, model_k.inner_model.inner_model, counted, param,
+                              float(ms.sigma_max), label)
+        ctx = Calibration(counted, x_start, param, float(ms.sigma_min), float(ms.sigma_max), run,
+                          model_k.inner_model, x)
         result["value"] = fn(ctx)
         result["calls"] = counted.calls
         return x
 
-    start = time.perf_counter()
+    began = time.perf_counter()
     comfy.sample.sample_custom(model, noise, cfg, comfy.samplers.KSAMPLER(sampler_fn), sigmas, positive, negative,
                                latent_image, seed=seed, disable_pbar=True)
-    return result["value"], result["calls"], time.perf_counter() - start
+    return result["value"], result["calls"], time.perf_counter() - began
 
 
 @contextmanager
