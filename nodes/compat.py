@@ -45,3 +45,21 @@ def _takes_advanced():
 # Keyword arguments for an expert input: folded into the node's advanced section where V3 inputs take `advanced=`
 # (newer trees); nothing on trees without it, where every input shows as before.
 EXPERT = {"advanced": True} if _takes_advanced() else {}
+
+
+# Fields newer ComfyUI trees added to a model family's parameter dataclass, each with the value that keeps the older
+# behaviour (what older trees hard-wired): used only where the running tree's dataclass has the field.
+NEUTRAL_FIELDS = {"txt_ids_dims": [], "vec_in_dim": None, "meanflow_sum": False}
+
+
+def params_config(params_class, unet_config):
+    """A unet_config for a family whose model takes a parameter dataclass (FluxParams, ChromaParams,
+    HunyuanVideoParams...): fields the running tree requires and the config lacks get their neutral value
+    (NEUTRAL_FIELDS); fields the running tree does not know are dropped (an older tree than the config)."""
+    fields = {f.name: f for f in dataclasses.fields(params_class)}
+    config = dict(unet_config)
+    for name, field in fields.items():
+        required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+        if required and name not in config and name in NEUTRAL_FIELDS:
+            config[name] = NEUTRAL_FIELDS[name]
+    return config
