@@ -149,12 +149,16 @@ class StrideScheduleGITS(io.ComfyNode):
                                           "refines the teacher between them.")
             + [io.Float.Input("coeff", default=1.15, min=0.5, max=2.0, step=0.01,
                               tooltip="GITS's weight on the remaining path at each jump: above 1 favours accuracy "
-                                      "in the later, low-noise steps (GITS: 1.15 pixel, 1.20 latent models).")],
+                                      "in the later, low-noise steps (GITS: 1.15 pixel, 1.20 latent models)."),
+               io.Combo.Input("metric", options=list(gits.METRICS), default="l2", optional=True,
+                              tooltip="(expert) How a jump's error is measured: l2, the L2 norm per image "
+                                      "averaged over the batch (GITS's reference code), or mse, the mean squared "
+                                      "error (Stride's earlier variant: it spreads the error over the path).")],
             outputs=_outputs())
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, cfg, sampler_name, steps, budget, samples, seed,
-                denoise, coeff) -> io.NodeOutput:
+                denoise, coeff, metric="l2") -> io.NodeOutput:
         check_steps(steps, "GITS")
         if steps > MAX_GRID:
             raise ValueError(f"Stride GITS: at most {MAX_GRID} steps (its teacher grid has {MAX_GRID} points)")
@@ -166,14 +170,14 @@ class StrideScheduleGITS(io.ComfyNode):
             grid = teacher_grid(ms, points, ctx.param.flow)
             refine = max(1, (budget - 1) // len(grid))
             xs, ds = teacher_trajectory(ctx.denoiser, ctx.x, grid, ctx.param.flow, refine)
-            cost = gits.cost_tensor(xs, ds, grid, jump, ctx.param.flow, half_log_snr)
+            cost = gits.cost_tensor(xs, ds, grid, jump, ctx.param.flow, half_log_snr, metric)
             return {"cost": cost, "grid": grid}, {"grid": len(grid), "refine": refine, "jump": jump}
 
         def finish(tensors):
             return gits.path_sigmas(tensors["grid"], gits.best_path(tensors["cost"], steps, coeff))
         # the cost matrix does not depend on steps or coeff: stored once for all of them
         return optimize("gits", model, positive, negative, latent_image, cfg, sampler_name, budget, samples, seed,
-                        denoise, {"jump": jump, "half_log_snr": half_log_snr}, fit, finish)
+                        denoise, {"jump": jump, "half_log_snr": half_log_snr, "cost": metric}, fit, finish)
 
 
 def _teacher_output(ctx, ms):

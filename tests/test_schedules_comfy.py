@@ -209,3 +209,15 @@ def test_ld3_backpropagates_through_a_trained_unet(node_class):
     assert info["iterations"] >= 2 and info["loss"] < info["initial_loss"]
     after = list(m.model.diffusion_model.parameters())
     assert len(after) == len(params) and all(a is b for a, b in zip(after, params))
+
+
+def test_gits_metric_changes_the_costs_and_is_stored_apart(node_class, store):
+    """metric l2 (GITS's reference: unsquared L2 norm per image) and mse (Stride's variant) are different cost
+    matrices, stored under different settings; on the guided flow oracle they pick different 6-step paths."""
+    with torch.inference_mode():
+        model, pos, neg, latent = node_class("StrideDemoModel").execute("oracle_flow", "37", 1, 1.0, False).result
+        run = lambda metric: node_class("StrideScheduleGITS").execute(
+            model, pos, neg, latent, CFG, "dpmpp_2m", 6, 60, 4, SEED, 1.0, 1.0, metric=metric).result[0]
+        l2, mse = run("l2"), run("mse")
+    assert len(list(store.glob("*.safetensors"))) == 2
+    assert not torch.equal(l2, mse)

@@ -34,13 +34,27 @@ def _jump(kind, param, x_c, d_c, s, t, prev=None, d_target=None):
     return torch.where(final.view(-1, *[1] * (out.ndim - 1)), d_c, out)
 
 
-def cost_tensor(xs, ds, grid, kind="euler", flow=False, half_log_snr=True):
-    """C[p, c, n]: mean squared error of one jump from grid node c to node n against the teacher's state there,
+def l2(x, target):
+    """The L2 norm of x - target per sample, over the latent ([B])."""
+    return (x.double() - target.double()).flatten(1).norm(dim=1)
+
+
+METRICS = ("l2", "mse")
+
+
+def cost_tensor(xs, ds, grid, kind="euler", flow=False, half_log_snr=True, metric="l2"):
+    """C[p, c, n]: the error of one jump from grid node c to node n against the teacher's state there, as GITS's
+    reference code measures it: the L2 norm over the latent (not squared), averaged over the batch (metric
+    "mse": Stride's earlier variant, the mean squared error, which weighs one large jump error more than two
+    small ones and so spreads the error over the path);
     with node p as the previous point of a multistep jump (p = c: no previous point, the path's first jump).
     Node K (= len(grid)) is sigma 0, where the teacher's state is its output. Entries with n <= c are inf.
     half_log_snr=False steps flow models in -log sigma (ComfyUI's own dpmpp_2m / uni_pc do)."""
     if kind not in JUMPS:
         raise ValueError(f"Stride GITS: unknown jump {kind!r}; choose from {JUMPS}")
+    if metric not in METRICS:
+        raise ValueError(f"Stride GITS: unknown cost metric {metric!r}; choose from {METRICS}")
+    measure = l2 if metric == "l2" else mse
     param = param_of(flow) if half_log_snr else VE
     sig = torch.cat([grid.double(), grid.new_zeros(1, dtype=torch.float64)])
     if flow and half_log_snr and float(sig[0]) >= 1.0:
@@ -59,7 +73,7 @@ def cost_tensor(xs, ds, grid, kind="euler", flow=False, half_log_snr=True):
         for p in ([c] if kind == "euler" or c == 0 else range(c)):
             prev = None if p == c else (ds[p].repeat(m, *[1] * (xs.ndim - 2)), sig[p])
             out = _jump(kind, param, x_c, d_c, sig[c], t, prev, d_t)
-            err = mse(out, want).view(m, batch).mean(1)
+            err = measure(out, want).view(m, batch).mean(1)
             if kind == "euler":
                 cost[:, c, targets] = err  # first-order jumps do not depend on the previous node
             else:
