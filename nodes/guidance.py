@@ -98,10 +98,25 @@ def cfg_schedule(kind, start, end, floor, points, points_in):
 
 
 def raag_patch(model, w_max, alpha):
-    """A clone of model guided by RAAG (the node's w_max replaces the sampler's cfg)."""
+    """A clone of model guided by RAAG (the node's w_max replaces the sampler's cfg). An existing
+    sampler_cfg_function (RescaleCFG...) is kept: it runs with RAAG's per-image scale as its cond_scale."""
+    previous = model.model_options.get("sampler_cfg_function")
+    if getattr(previous, "stride_raag", False):
+        raise ValueError("Stride RAAG: this model is already guided by RAAG; apply it once")
+    if model.get_wrappers(WrappersMP.PREDICT_NOISE, KEY):
+        raise ValueError("Stride RAAG: this model carries a Stride CFG schedule, and RAAG sets its own scale at every "
+                         "step (replacing the sampler's cfg), so the schedule would do nothing; use one of the two")
+    if previous is not None:
+        logging.info("Stride RAAG: the model's existing sampler_cfg_function is kept; it receives RAAG's per-image "
+                     "scale as its cond_scale")
+
     def cfg_function(args):
         w = guidance.raag_scale(args["cond"], args["uncond"], w_max, alpha)
-        return guidance.guide(args["cond"], args["uncond"], w)
+        if previous is None:
+            return guidance.guide(args["cond"], args["uncond"], w)
+        scale = w.to(args["cond"].dtype).reshape(-1, *[1] * (args["cond"].ndim - 1))
+        return previous({**args, "cond_scale": scale})
+    cfg_function.stride_raag = True
     patched = model.clone()
     patched.set_model_sampler_cfg_function(cfg_function, disable_cfg1_optimization=True)
     return patched
@@ -146,6 +161,10 @@ class StrideCFGSchedule(io.ComfyNode):
     @classmethod
     def execute(cls, model, schedule, start, end, floor, points, points_in) -> io.NodeOutput:
         warn_if_distilled(model, "CFG schedule")
+        if getattr(model.model_options.get("sampler_cfg_function"), "stride_raag", False):
+            raise ValueError("Stride CFG schedule: this model is guided by RAAG, which sets its own scale at every "
+                             "step (replacing the sampler's cfg), so a CFG schedule on it would do nothing; use one of "
+                             "the two")
         scale_at = cfg_schedule(schedule, start, end, floor, points, points_in)
         return io.NodeOutput(schedule_patch(model, scale_at, f"CFG schedule ({schedule})"))
 
@@ -182,9 +201,11 @@ RAAG_INPUTS = lambda: [
     io.Float.Input("max_guidance", default=18.0, min=1.0, max=50.0, step=0.1,
                    tooltip="w_max: the scale RAAG tends to when the guidance signal is small relative to the "
                            "unconditional prediction; it replaces the sampler's cfg."),
-    io.Float.Input("alpha", default=12.0, min=0.0, max=100.0, step=0.1,
-                   tooltip="How fast the scale drops toward 1 as the ratio |cond - uncond| / |uncond| grows. "
-                           "The defaults (18, 12) are the official code's; diffusers uses 10 and 8."),
+    io.Float.Input("alpha", default=144.0, min=0.0, max=1000.0, step=1.0,
+                   tooltip="How fast the scale drops toward 1 as the paper's RATIO |cond - uncond|^2 / |uncond|^2 "
+                           "grows. The default 144 halves the extra scale (w - 1) at |cond - uncond| / |uncond| "
+                           "= 1/12, where Stride's earlier alpha 12 on the unsquared ratio did; with alpha 12 on "
+                           "the squared RATIO, guidance stays near max_guidance until that ratio reaches about 0.3."),
 ]
 
 
@@ -194,11 +215,13 @@ class StrideRAAG(io.ComfyNode):
         return io.Schema(
             node_id="StrideRAAG", display_name="RAAG guidance (Stride)", category=CATEGORY,
             description="Ratio-aware adaptive guidance (Zhu et al. 2025): per image and step, the scale is "
-                        "1 + (max_guidance - 1) exp(-alpha rho), rho = |cond - uncond| / |uncond| measured on the "
-                        "ODE slopes (velocities for flow models, noise predictions for EPS models). On flow models "
-                        "the ratio is large in the first steps, so guidance stays weak where they are sensitive; on "
-                        "EPS models it stays small, and RAAG acts close to constant CFG at max_guidance. Replaces "
-                        "the sampler's cfg and any other sampler_cfg_function patch (pre/post-CFG patches compose).",
+                        "1 + (max_guidance - 1) exp(-alpha RATIO), RATIO = |cond - uncond|^2 / |uncond|^2 (the "
+                        "paper's, squared norms) measured on the ODE slopes (velocities for flow models, noise "
+                        "predictions for EPS models). On flow models the ratio is large in the first steps, so "
+                        "guidance stays weak where they are sensitive; on EPS models it stays small, and RAAG "
+                        "acts close to constant CFG at max_guidance. Replaces the sampler's cfg; an earlier "
+                        "sampler_cfg_function patch (RescaleCFG...) runs with RAAG's per-image scale, pre/post-CFG "
+                        "patches compose. Refuses a Stride CFG schedule (either order).",
             inputs=[io.Model.Input("model", tooltip="The model to patch.")] + RAAG_INPUTS(),
             outputs=[io.Model.Output(tooltip="The model guided by RAAG.")])
 

@@ -62,12 +62,16 @@ def scheduled_scale(kind, p, cfg, start=0.0, end=1.0, floor=1.0, points=None):
     raise ValueError(f"Stride CFG schedule: unknown schedule {kind!r}; choose from {', '.join(SCHEDULES)}")
 
 
+def raag_ratio(cond, uncond):
+    """RAAG's RATIO per sample, with squared norms as the paper defines it: |cond - uncond|^2 / |uncond|^2."""
+    delta = (cond - uncond).flatten(1).pow(2).sum(1)
+    return delta / uncond.flatten(1).pow(2).sum(1).clamp_min(1e-24)
+
+
 def raag_scale(cond, uncond, w_max, alpha):
-    """RAAG (Zhu et al. 2025, arXiv:2508.03442): per sample, rho = |cond - uncond| / |uncond| and
-    w = 1 + (w_max - 1) exp(-alpha rho). cond/uncond are the ODE slopes (or x - D, the same up to sigma)."""
-    delta = (cond - uncond).flatten(1).norm(dim=1)
-    rho = delta / uncond.flatten(1).norm(dim=1).clamp_min(1e-12)
-    return 1 + (w_max - 1) * torch.exp(-alpha * rho)
+    """RAAG (Zhu et al. 2025, arXiv:2508.03442): per sample w = 1 + (w_max - 1) exp(-alpha RATIO), RATIO =
+    |cond - uncond|^2 / |uncond|^2. cond/uncond are the ODE slopes (or x - D, the same up to sigma)."""
+    return 1 + (w_max - 1) * torch.exp(-alpha * raag_ratio(cond, uncond))
 
 
 def guide(cond, uncond, scale):

@@ -69,9 +69,10 @@ def test_bad_points_are_clear_errors(g, text, words):
 def test_raag_scale_per_sample(g):
     uncond = torch.tensor([[0.0, 10.0], [1.0, 0.0]]).view(2, 2, 1, 1)
     cond = torch.tensor([[3.0, 4.0], [0.1, 0.0]]).view(2, 2, 1, 1)
-    rho = [math.sqrt(3 ** 2 + 6 ** 2) / 10, 0.9]  # |cond - uncond| / |uncond|, by hand
+    ratio = [(3 ** 2 + 6 ** 2) / 10 ** 2, 0.81]  # the paper's RATIO |cond - uncond|^2 / |uncond|^2, by hand
     w = g.raag_scale(cond, uncond, 5.0, 2.0)
-    assert w.shape == (2,) and w.tolist() == pytest.approx([1 + 4 * math.exp(-2 * r) for r in rho], rel=1e-6)
+    assert w.shape == (2,) and w.tolist() == pytest.approx([1 + 4 * math.exp(-2 * r) for r in ratio], rel=1e-6)
+    assert w.tolist() != pytest.approx([1 + 4 * math.exp(-2 * math.sqrt(r)) for r in ratio], rel=1e-3)  # not unsquared
     direction = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     base = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     ws = torch.stack([g.raag_scale(base + t * direction, base, 7.0, 8.0) for t in (1e-9, 1e-2, 1e-1, 1.0, 1e3)])
@@ -227,24 +228,52 @@ def test_each_run_logs_its_skipped_passes_and_speedup(run_prompt, caplog):
     assert sorted(m.groups() for m in logged) == [("5", "10", "15", "20", "1.33"), ("9", "20", "31", "40", "1.29")]
 
 
+RAAG_ALPHA = {"oracle_eps": 200.0, "oracle_flow": 20.0}  # where the squared RATIO of each model matters
+
+
 @pytest.mark.parametrize("model", MODELS)
 def test_raag_in_ksampler(stride, node_class, model):
     """StrideRAAG with cfg 1 in KSampler: the uncond pass is still computed at every step, and the result is a
-    hand-written Euler run with w = 1 + (w_max - 1) exp(-alpha rho) per sample (not one rho for the batch);
+    hand-written Euler run with w = 1 + (w_max - 1) exp(-alpha RATIO) per sample (not one RATIO for the batch,
+    and with the paper's squared norms);
     alpha = 0 is plain CFG at w_max, a huge alpha the conditional prediction alone (plain cfg 1)."""
     m, pos, neg, latent = demo(node_class, model)
     m, counter = stride("nodes.counting").count_model_calls(m)
     ms = m.get_model_object("model_sampling")
     sigmas = comfy.samplers.calculate_sigmas(ms, SCHEDULER[model], STEPS)
     ks = lambda patched, cfg=1.0: ksampler(node_class, patched, pos, neg, latent, SCHEDULER[model], cfg=cfg)
-    x = ks(node_class("StrideRAAG").execute(m, 4.0, 8.0).result[0])
+    alpha = RAAG_ALPHA[model]
+    x = ks(node_class("StrideRAAG").execute(m, 4.0, alpha).result[0])
     assert (counter.cond, counter.uncond) == (STEPS, STEPS)
     norm = lambda v: v.flatten(1).norm(dim=1)
-    assert rel(x, euler(stride, ms, sigmas, lambda i, c, u: 1 + 3 * torch.exp(-8 * norm(c - u) / norm(u)))) < 1e-4
-    assert rel(x, euler(stride, ms, sigmas, lambda i, c, u: 1 + 3 * torch.exp(-8 * (c - u).norm() / u.norm()))) > 1e-3
+    ratio = lambda c, u: (norm(c - u) / norm(u)) ** 2
+    scale = lambda r: 1 + 3 * torch.exp(-alpha * r)
+    assert rel(x, euler(stride, ms, sigmas, lambda i, c, u: scale(ratio(c, u)))) < 1e-5
+    assert rel(x, euler(stride, ms, sigmas, lambda i, c, u: scale(((c - u).norm() / u.norm()) ** 2))) > 1e-3
+    assert rel(x, euler(stride, ms, sigmas, lambda i, c, u: scale(ratio(c, u) ** 0.5))) > 1e-3  # not unsquared
     x_max, x_one = ks(node_class("StrideRAAG").execute(m, 4.0, 0.0).result[0]), ks(
-        stride("nodes.guidance").raag_patch(m, 4.0, 1e6))
+        stride("nodes.guidance").raag_patch(m, 4.0, 1e12))
     assert rel(x_max, ks(m, cfg=4.0)) < 1e-5 and rel(x_one, ks(m, cfg=1.0)) < 1e-5 and rel(x_one, x_max) > 1e-2
+
+
+def test_raag_keeps_an_existing_cfg_function_and_refuses_a_cfg_schedule(stride, node_class):
+    """RescaleCFG before RAAG runs with RAAG's per-image scale as its cond_scale: at alpha 0 (scale w_max
+    throughout) the pair is RescaleCFG at cfg w_max exactly. A Stride CFG schedule and RAAG on one model (either
+    order) would leave the schedule without effect: refused, as is RAAG twice."""
+    m, pos, neg, latent = demo(node_class, "oracle_eps")
+    ks = lambda patched, cfg=1.0: ksampler(node_class, patched, pos, neg, latent, "karras", cfg=cfg)
+    rescaled = node_class("RescaleCFG")().patch(m, 0.7)[0]
+    raag = lambda model, alpha: node_class("StrideRAAG").execute(model, 4.0, alpha).result[0]
+    both = ks(raag(rescaled, 0.0))
+    assert rel(both, ks(rescaled, cfg=4.0)) < 1e-5 and rel(both, ks(raag(m, 0.0))) > 1e-3
+    assert rel(ks(raag(rescaled, 200.0)), both) > 1e-3 and rel(ks(raag(rescaled, 200.0)), ks(raag(m, 200.0))) > 1e-3
+    scheduled = node_class("StrideCFGSchedule").execute(m, "interval", **OPTIONS).result[0]
+    with pytest.raises(ValueError, match="carries a Stride CFG schedule"):
+        raag(scheduled, 8.0)
+    with pytest.raises(ValueError, match="guided by RAAG, which sets its own scale"):
+        node_class("StrideCFGSchedule").execute(raag(m, 8.0), "interval", **OPTIONS)
+    with pytest.raises(ValueError, match="already guided by RAAG"):
+        raag(raag(m, 8.0), 8.0)
 
 
 @pytest.mark.parametrize("route", ROUTES)
