@@ -22,7 +22,7 @@ from comfy_api.latest import io
 from ..samplers.cache import Plan, RateMeter, ReuseTest, fit_plan
 from ..samplers.core import check_sigmas
 from . import calibration_store as store
-from .cache import AdaptivePolicy, Cache, PlanPolicy, units_of
+from .cache import AdaptivePolicy, Cache, PlanPolicy, is_unet, no_blocks_reason, units_named, units_of
 from .compat import EXPERT
 from .calibration import conditioning_digest
 from .guidance import progress
@@ -157,14 +157,16 @@ PLAN_VERSION = 1
 def step_cache(model, threshold, start, end, max_hits, indicator):
     if start > end:
         raise ValueError(f"Stride step cache: start ({start}) must not be after end ({end})")
-    units = [u for u in units_of(model) if u[2][0] == "dit"] if indicator == "first block residual" else []
-    if indicator == "first block residual" and not any(family == "double" for _, family, _ in units):
-        raise ValueError("Stride step cache: 'first block residual' needs a Flux-style DiT (its blocks are patched "
-                         "through ComfyUI's 'dit' block replacements); use 'input change' for this model")
-    test = ReuseTest(threshold, start, end, max_hits, accumulate=indicator == "input change")
-    policy = AdaptivePolicy(test, "input" if indicator == "input change" else "first_block",
-                            units[0][0] if units else None)
-    return Cache("step cache", units, policy).patch(model, "stride_step_cache")
+    blocks = indicator == "first block residual"
+    if blocks and is_unet(model):
+        raise ValueError(f"Stride step cache: 'first block residual' needs a DiT whose blocks ComfyUI lets a node "
+                         f"replace ('dit' block replacements); {type(model.model).__name__} is a UNet (no whole-block "
+                         "replacement); use 'input change' for this model")
+    test = ReuseTest(threshold, start, end, max_hits, accumulate=not blocks)
+    # first block residual: the blocks are the ones the model looks up in each call (a model that looks up none
+    # falls back to the input change, and each run's log says so)
+    policy = AdaptivePolicy(test, "first_block" if blocks else "input")
+    return Cache("step cache", [], policy, discover=blocks).patch(model, "stride_step_cache")
 
 
 class StrideStepCache(io.ComfyNode):
@@ -174,8 +176,10 @@ class StrideStepCache(io.ComfyNode):
             node_id="StrideStepCache", display_name="Adaptive step cache (Stride)", category=CATEGORY,
             description="Reuses the model's work while it changes little, for any sampler, with no calibration. "
                         "'input change' (any model): the last prediction is reused while the model input's "
-                        "accumulated relative change stays below the threshold. 'first block residual' (Flux-style "
-                        "DiTs): the first block runs, and while its residual is close to its last computed value the "
+                        "accumulated relative change stays below the threshold. 'first block residual' (DiTs whose "
+                        "blocks ComfyUI lets a node replace: Flux, SD3, Wan, Qwen-Image, HunyuanVideo, LTX, "
+                        "Mochi...): the first block runs, and while its residual is close to its last computed value "
+                        "the "
                         "other blocks add their stored residuals instead of running. Cond and uncond passes and "
                         "latent sizes are cached separately; the cache resets at every run, which logs its reuse "
                         "and measured speedup.",
@@ -192,7 +196,8 @@ class StrideStepCache(io.ComfyNode):
                     io.Combo.Input("indicator", options=["input change", "first block residual"],
                                    default="input change", optional=True,
                                    tooltip="What measures the change: the model input (any model) or the first "
-                                           "block's residual (Flux-style DiTs).")],
+                                           "block's residual (DiTs with ComfyUI block replacement; a model "
+                                           "without it falls back to the input change, and the log says so).")],
             outputs=[io.Model.Output(tooltip="The model with the step cache.")])
 
     @classmethod
@@ -227,8 +232,8 @@ def apply_plan(model, text, fp=None):
     if data["model"] != fp["id"]:
         raise ValueError(f"Stride cache plan: made for model {data['model']}, this model is {fp['id']} (another "
                          "checkpoint, LoRA or patch); calibrate a plan for this model")
-    units = units_of(model)
-    if [u[0] for u in units] != plan.units:
+    units = units_named(model, plan.units)
+    if units is None:
         raise ValueError("Stride cache plan: the plan's blocks do not match this model's; calibrate a plan for it")
     return Cache("cache plan", units, PlanPolicy(plan, data["call_sigmas"])).patch(model, "stride_cache_plan")
 
@@ -252,9 +257,15 @@ def calibrate_plan(model, positive, negative, latent_image, sampler_name, schedu
     if found is not None:
         logging.info("Stride cache plan: reused %s (no model run)", found[2])
         return found[1]["info"]["text"], fp
-    units = units_of(model)
-    names, families = [u[0] for u in units], [u[1] for u in units]
     noise = comfy.sample.prepare_noise(latent, seed)
+
+    def probe(patched):  # one model call on the calibration inputs: the blocks the model looks up
+        comfy.sample.sample(patched, noise[:1], 1, cfg, "euler", "simple", positive, negative, latent[:1],
+                            disable_pbar=True, seed=seed)
+    units = units_of(model, probe)
+    if not units:
+        logging.info("Stride cache plan: %s; the plan caches whole calls", no_blocks_reason(model.model))
+    names, families = [u[0] for u in units], [u[1] for u in units]
     total = 3 * (len(sigmas) - 1 if sigmas is not None else steps)
     pbar = comfy.utils.ProgressBar(total)
     done = [0]
@@ -307,8 +318,9 @@ class StrideCalibrateCachePlan(io.ComfyNode):
             category=CATEGORY,
             description="InvarDiff (Wu 2025): measures on your model, sampler and schedule how fast each block's "
                         "output changes from call to call, and caches the blocks (and whole calls) that change "
-                        "least, by quantile. Flux-style DiTs: double/single blocks; UNets: attention outputs; all "
-                        "models: whole calls. The plan is stored and returned as text, so the workflow carries it.",
+                        "least, by quantile. DiTs: the blocks the model looks up in ComfyUI's 'dit' block "
+                        "replacements (and, where the model names them, their attention); UNets: attention outputs; "
+                        "all models: whole calls. The plan is stored and returned as text, so the workflow carries it.",
             inputs=[io.Model.Input("model", tooltip="The model to calibrate (with its LoRAs and patches)."),
                     io.Conditioning.Input("positive", tooltip="Conditioning of the calibration (prompts like yours)."),
                     io.Conditioning.Input("negative", tooltip="Negative conditioning of the calibration."),

@@ -1,9 +1,11 @@
-"""Bridge: the cache runtime in ComfyUI. It answers model calls (APPLY_MODEL wrapper) and blocks (Flux-style DiT
-blocks through patches_replace "dit" and their attention through ComfyUI's attention override, UNet attention
-through "attn1"/"attn2" replacements) from what earlier calls computed, driven by a policy from samplers/cache.py:
-a calibrated InvarDiff plan or an adaptive reuse test. State is kept per chunk (cond/uncond set, conditionings and
-shape), kept per run (OUTER_SAMPLE makes it, so concurrent runs and ComfyUI's multi-GPU worker threads never share
-it), and each run logs its reuse and time."""
+"""Bridge: the cache runtime in ComfyUI. It answers model calls (APPLY_MODEL wrapper) and blocks from what earlier
+calls computed: a DiT's blocks through patches_replace "dit", with the keys the model itself looks up in each call
+(any family ComfyUI gives block replacement: Flux, Chroma, SD3, AuraFlow, HunyuanDiT, Wan, Qwen-Image, HunyuanVideo,
+LTX, Mochi, Kandinsky5...), their attention through ComfyUI's attention override where the model names its blocks,
+UNet attention through "attn1"/"attn2" replacements. A model that looks up no block is cached by whole calls, and
+the log says so. The policy comes from samplers/cache.py: a calibrated InvarDiff plan or an adaptive reuse test.
+State is kept per chunk (cond/uncond set, conditionings and shape), kept per run (OUTER_SAMPLE makes it, so
+concurrent runs and ComfyUI's multi-GPU worker threads never share it), and each run logs its reuse and time."""
 import copy
 import logging
 import threading
@@ -21,33 +23,134 @@ from .runstate import PerRun, Run
 WrappersMP = comfy.patcher_extension.WrappersMP
 
 
-def units_of(model):
-    """[(unit name, family, (patch kind, key))] of what ComfyUI lets Stride replace: a Flux-style DiT's double and
-    single blocks ("dit" patches) and the attention inside each (ComfyUI's optimized_attention_override, told apart
-    by the block type and index ComfyUI sets), a UNet's self- and cross-attention ("attn1"/"attn2" replacements).
-    Other architectures: [] (step-level reuse only)."""
+def is_unet(model):
+    """A UNet (SD1.x/SD2/SDXL-style): its units are ComfyUI's "attn1"/"attn2" replacements, found statically."""
     net = model.model.diffusion_model
-    if hasattr(net, "double_blocks") and hasattr(net, "single_blocks"):
-        blocks = [(kind, i) for kind, stack in (("double", net.double_blocks), ("single", net.single_blocks))
-                  for i in range(len(stack))]
-        return ([(f"{kind}_block.{i}", kind, ("dit", (f"{kind}_block", i))) for kind, i in blocks]
-                + [(f"attn.{kind}_block.{i}", "attn", ("attention", (kind, i))) for kind, i in blocks])
+    return hasattr(net, "input_blocks") and hasattr(net, "output_blocks")
+
+
+def unet_units(model):
+    """[(unit name, family, (patch kind, key))] of a UNet's self- and cross-attention ("attn1"/"attn2")."""
+    net = model.model.diffusion_model
     units = []
-    if hasattr(net, "input_blocks") and hasattr(net, "output_blocks"):
-        stacks = (("input", net.input_blocks), ("middle", [net.middle_block]), ("output", net.output_blocks))
-        for name, blocks in stacks:
-            for number, block in enumerate(blocks):
-                for module in block.modules():
-                    for j in range(len(getattr(module, "transformer_blocks", []))
-                                   if type(module).__name__ == "SpatialTransformer" else 0):
-                        for attn in ("attn1", "attn2"):
-                            units.append((f"{attn}.{name}.{number}.{j}", attn, (attn, (name, number, j))))
+    stacks = (("input", net.input_blocks), ("middle", [net.middle_block]), ("output", net.output_blocks))
+    for name, blocks in stacks:
+        for number, block in enumerate(blocks):
+            for module in block.modules():
+                for j in range(len(getattr(module, "transformer_blocks", []))
+                               if type(module).__name__ == "SpatialTransformer" else 0):
+                    for attn in ("attn1", "attn2"):
+                        units.append((f"{attn}.{name}.{number}.{j}", attn, (attn, (name, number, j))))
     return units
+
+
+def dit_unit(key):
+    """The unit of a "dit" replacement key the model looked up: ("double_block", 3) -> "double_block.3", family
+    "double" (Flux's names, kept stable: plan texts store them); None for a key of another form."""
+    if not (isinstance(key, tuple) and len(key) == 2 and isinstance(key[0], str) and isinstance(key[1], int)):
+        return None
+    kind = key[0][:-len("_block")] if key[0].endswith("_block") else key[0]
+    return (f"{key[0]}.{key[1]}", kind, ("dit", key))
+
+
+def attention_unit(block_type, block_index):
+    """The unit of the attention inside a DiT block, as ComfyUI tells it in transformer_options."""
+    return (f"attn.{block_type}_block.{block_index}", "attn", ("attention", (block_type, block_index)))
+
+
+def units_of(model, probe=None):
+    """[(unit name, family, (patch kind, key))] of what ComfyUI lets Stride replace in `model`: a UNet's attention
+    ("attn1"/"attn2", found statically); a DiT's blocks as the model itself looks them up in
+    patches_replace["dit"] and the attention inside them (ComfyUI's optimized_attention_override, told apart by
+    the block type and index the model sets), recorded during `probe(patched)` (one model call on the user's
+    inputs). [] where the model looks up none (whole calls only) or no probe is given."""
+    if is_unet(model):
+        return unet_units(model)
+    if probe is None:
+        return []
+    recorder = Cache("block discovery", [], discover=True, attention=True)
+    probe(recorder.patch(model, "stride_block_discovery"))
+    run = recorder.last_run
+    return [] if run is None else list(run.seen.values()) + list(run.seen_attention.values())
+
+
+def units_named(model, names):
+    """A plan's units (by the names it stores) on `model`; None where a name is no unit Stride knows here."""
+    if is_unet(model):
+        units = {u[0]: u for u in unet_units(model)}
+        return [units[n] for n in names] if all(n in units for n in names) else None
+    out = []
+    for name in names:
+        head, _, index = name.rpartition(".")
+        if not index.isdigit() or not head:
+            return None
+        if head.startswith("attn.") and head.endswith("_block"):
+            out.append(attention_unit(head[len("attn."):-len("_block")], int(index)))
+        elif not head.startswith("attn"):
+            out.append(dit_unit((head, int(index))))
+        else:
+            return None
+    return out
+
+
+def no_blocks_reason(base):
+    """Why a model (ComfyUI's BaseModel) has no block units: said in the log and in refusals."""
+    return (f"{type(base).__name__} looks up no ComfyUI 'dit' block replacement (patches_replace[\"dit\"]), "
+            "so its blocks cannot be cached")
+
+
+def residuals(inputs, out):
+    """A block's residual per stream (out - in; None where the block returns None), or None where a stream it
+    returns is not one of its inputs of the same shape (then it cannot be replayed)."""
+    residual = {}
+    for key, value in out.items():
+        if value is None:
+            residual[key] = None
+        elif torch.is_tensor(value) and key in inputs and inputs[key].shape == value.shape:
+            residual[key] = value - inputs[key]
+        else:
+            return None
+    return residual
+
+
+class BlockKeys(dict):
+    """patches_replace["dit"] for one model call: every block key the model looks up (its own keys, whatever the
+    family: Flux's double/single blocks, an MMDiT's or Wan's blocks...) is answered with Stride's replacement of
+    that block, and recorded. Replacements another node set are kept (looked up first) and left to it."""
+
+    def __init__(self, others, cache, allowed, seen):
+        super().__init__(others)
+        self.cache, self.allowed, self.seen = cache, allowed, seen
+
+    def _ours(self, key):
+        if dict.__contains__(self, key):
+            return None
+        unit = dit_unit(key)
+        if unit is None or (self.allowed is not None and unit[0] not in self.allowed):
+            return None
+        self.seen.setdefault(unit[0], unit)
+        return unit
+
+    def __contains__(self, key):
+        return dict.__contains__(self, key) or self._ours(key) is not None
+
+    def __getitem__(self, key):
+        if dict.__contains__(self, key):
+            return dict.__getitem__(self, key)
+        unit = self._ours(key)
+        if unit is None:
+            raise KeyError(key)
+        return self.cache.block(unit[0])
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
 
 
 def flat(value):
     """A unit's output as one tensor (a block's residuals: its streams flattened and joined)."""
-    return torch.cat([v.flatten() for v in value.values()]) if isinstance(value, dict) else value
+    if isinstance(value, dict):
+        return torch.cat([v.flatten() for v in value.values() if v is not None])
+    return value
 
 
 def chunk_of(transformer_options, x):
@@ -65,8 +168,14 @@ class Cache:
     thread (its blocks run there). Reused tensors follow the device and dtype of the call that uses them (ComfyUI
     may move weights between calls)."""
 
-    def __init__(self, name, units, policy=None, meter=None):
+    def __init__(self, name, units, policy=None, meter=None, discover=False, attention=False):
+        """units: the units to cache (a plan's); discover: every "dit" block the model looks up is a unit (the
+        step cache's first-block indicator, block discovery); attention: record the attention of DiT blocks too."""
         self.name, self.units, self.policy, self.meter = name, units, policy, meter
+        dit = {unit for unit, _, (kind, _) in units if kind == "dit"}
+        self.dit = None if discover else dit  # the "dit" units answered (None: all the model looks up)
+        self.inject = discover or bool(dit)
+        self.record_attention = attention
         self.runs = PerRun(f"stride {name}", self.new_run, self.log)
         self.local = threading.local()
         self.last_run = None
@@ -76,7 +185,8 @@ class Cache:
         if policy is not None:
             policy.reset()
         return Run(slopes={}, stored={}, index={}, call_sigmas=[], calls=0, call_hits=0, unit_calls=0, unit_hits=0,
-                   seconds=0.0, full_seconds=0.0, full_calls=0, policy=policy, start=time.perf_counter())
+                   seconds=0.0, full_seconds=0.0, full_calls=0, policy=policy, start=time.perf_counter(), seen={},
+                   seen_attention={}, fallback="", model=None)
 
     def patch(self, model, key):
         patched = model.clone()
@@ -84,14 +194,14 @@ class Cache:
         patched.add_wrapper_with_key(WrappersMP.APPLY_MODEL, key, self.apply_model)
         options = patched.model_options.setdefault("transformer_options", {})
         attention = {where: unit for unit, _, (kind, where) in self.units if kind == "attention"}
-        if attention and "optimized_attention_override" in options:
+        if (attention or self.record_attention) and "optimized_attention_override" in options:
             logging.warning("Stride %s: another node overrides the attention; the attention outputs are not cached",
                             self.name)
-        elif attention:
+        elif attention or self.record_attention:
             options["optimized_attention_override"] = self.attention_override(attention)
         replaced = options.get("patches_replace", {})
         for unit, _, (kind, where) in self.units:
-            if kind == "attention":
+            if kind in ("attention", "dit"):  # attention: the override; dit: each call's BlockKeys
                 continue
             if where in replaced.get(kind, {}):
                 logging.warning("Stride %s: %s already has a replacement from another node; left to it", self.name,
@@ -107,6 +217,10 @@ class Cache:
         wall = time.perf_counter() - run.start
         blocks = (f", {run.unit_hits} of {run.unit_calls} block evaluations reused" if run.unit_calls else "")
         blocks += getattr(run.policy, "report", lambda: "")()
+        if run.fallback:
+            blocks += f"; {run.fallback}"
+        if self.inject and run.calls and not run.seen and not run.fallback:
+            blocks += f"; no block was cached: {no_blocks_reason(run.model)}" if run.model is not None else ""
         estimate = ""
         if run.full_calls and run.seconds:  # labelled: an estimate from the calls that ran in full
             uncached = run.full_seconds / run.full_calls * run.calls
@@ -139,6 +253,10 @@ class Cache:
             run.call_hits += hit
         if hit:
             return x - sigma_b * run.slopes[chunk].to(x)
+        if self.inject:  # this call's "dit" lookups answered by Stride's block replacements
+            patches = dict(transformer_options.get("patches_replace", {}))
+            patches["dit"] = BlockKeys(patches.get("dit", {}), self, self.dit, run.seen)
+            transformer_options = {**transformer_options, "patches_replace": patches}
         outer_call, self.local.call = getattr(self.local, "call", None), call
         try:
             start = time.perf_counter()
@@ -146,6 +264,12 @@ class Cache:
             elapsed = time.perf_counter() - start
         finally:
             self.local.call = outer_call
+        if self.inject and not run.seen and run.model is None:  # the model looked up no block: say so, once a run
+            run.model = executor.class_obj
+            fall_back = getattr(run.policy, "fall_back", None)
+            if fall_back is not None:
+                run.fallback = fall_back(no_blocks_reason(executor.class_obj))
+                logging.warning("Stride %s: %s", self.name, run.fallback)
         slope = (x - out) / sigma_b
         with run.lock:
             run.seconds += elapsed
@@ -187,14 +311,16 @@ class Cache:
             if call is None:
                 return extra["original_block"](args)
             stored = call["run"].stored.get((call["chunk"], unit))
-            fits = stored is not None and all(k in args and args[k].shape == v.shape for k, v in stored.items())
+            fits = stored is not None and all(v is None or (torch.is_tensor(args.get(k)) and args[k].shape == v.shape)
+                                              for k, v in stored.items())
             if self._reuse(call, unit, stored, fits):
-                return {**{k: args[k] for k in ("img", "txt") if k in args},
-                        **{k: args[k] + v.to(args[k]) for k, v in stored.items()}}
+                return {k: None if v is None else args[k] + v.to(args[k]) for k, v in stored.items()}
             # ComfyUI's blocks add to their inputs in place: keep the inputs to take the residuals
-            inputs = {k: v.clone() for k, v in args.items() if k in ("img", "txt") and torch.is_tensor(v)}
+            inputs = {k: v.clone() for k, v in args.items() if torch.is_tensor(v) and k not in ("pe", "vec")}
             out = extra["original_block"](args)
-            residual = {k: v - inputs[k] for k, v in out.items() if k in inputs and inputs[k].shape == v.shape}
+            residual = residuals(inputs, out)
+            if residual is None:  # a stream that is not its input plus a residual: this block always computes
+                return out
             self._record(call, unit, residual)
             if call["run"].policy is not None:
                 with call["run"].lock:
@@ -206,8 +332,11 @@ class Cache:
         """ComfyUI's attention override: reuse the attention output of a planned DiT block, or compute it."""
         def override(func, *args, **kwargs):
             options = kwargs.get("transformer_options") or {}
-            unit = units.get((options.get("block_type"), options.get("block_index")))
+            where = (options.get("block_type"), options.get("block_index"))
+            unit = units.get(where)
             call = self._call()
+            if unit is None and self.record_attention and where[0] is not None and call is not None:
+                call["run"].seen_attention.setdefault(attention_unit(*where)[0], attention_unit(*where))
             if unit is None or call is None:
                 return func(*args, **kwargs)
             stored = call["run"].stored.get((call["chunk"], unit))
@@ -308,7 +437,16 @@ class AdaptivePolicy:
     def unit(self, call, unit):
         return call["skip_rest"]
 
+    def fall_back(self, reason):
+        """A model with no block replacement: the input-change indicator decides whole calls instead."""
+        if self.indicator != "first_block":
+            return ""
+        self.indicator, self.test.accumulate = "input", True
+        return f"{reason}; whole calls are cached instead, the input change deciding (no first block residual)"
+
     def block_done(self, call, unit, residual):
+        if self.indicator == "first_block" and self.first_unit is None:
+            self.first_unit = unit  # the first block the model looked up
         if self.indicator != "first_block" or unit != self.first_unit:
             return
         chunk = call["chunk"]

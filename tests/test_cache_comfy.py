@@ -132,6 +132,6 @@ def test_first_block_cache(node_class, caplog):
     hits, calls, blocks, _ = report(caplog, "Stride step cache:")
     assert hits == 0 and calls == 10 and blocks == (5 * 3, 4 * 10)  # calls 1, 3, 5, 7, 9 reuse 3 blocks each
     assert not torch.equal(cached, plain) and torch.isfinite(cached).all()
-    with pytest.raises(ValueError, match="needs a Flux-style DiT"):
+    with pytest.raises(ValueError, match="needs a DiT whose blocks .* is a UNet"):
         node_class("StrideStepCache").execute(model=demo(node_class, "unet_small")[0], threshold=0.1, start=0.0,
                                               end=1.0, max_hits=1, indicator="first block residual")
