@@ -4,8 +4,10 @@ Stride is symlinked into a private base directory's custom_nodes/ as `stride`, e
 installs it, and the server runs on CPU on a free local port. The fixture yields the base URL and
 stops the server by its PID at the end of the session.
 """
+import contextlib
 import json
 import os
+import pathlib
 import socket
 import subprocess
 import sys
@@ -72,11 +74,12 @@ def wait_for_history(url, prompt_id, timeout=180):
     raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout} s")
 
 
-@pytest.fixture(scope="session")
-def comfy_server(tmp_path_factory):
-    """The base URL (http://127.0.0.1:<port>) of a running ComfyUI with Stride in custom_nodes/stride."""
-    base = tmp_path_factory.mktemp("comfy-server")
-    (base / "custom_nodes").mkdir()
+@contextlib.contextmanager
+def serve(base):
+    """Run ComfyUI's main.py with Stride symlinked into base/custom_nodes/stride; yields the base URL and stops the
+    server by its PID on exit."""
+    base = pathlib.Path(base)
+    (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
     os.symlink(host.REPO, base / "custom_nodes" / "stride")
     port = _free_port()
     log_path = base / "server.log"
@@ -100,3 +103,10 @@ def comfy_server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="session")
+def comfy_server(tmp_path_factory):
+    """The base URL (http://127.0.0.1:<port>) of a running ComfyUI with Stride in custom_nodes/stride."""
+    with serve(tmp_path_factory.mktemp("comfy-server")) as url:
+        yield url

@@ -33,6 +33,28 @@ def wait_for_new_run(url, seen, timeout=180):
     raise TimeoutError(f"no prompt from the UI finished in {timeout} s")
 
 
+# Pairs of nodes whose boxes (title bar included, as drawn) overlap, and links that lead nowhere.
+LAYOUT_PROBLEMS = """() => {
+    const title = LiteGraph.NODE_TITLE_HEIGHT, problems = [], nodes = app.graph.nodes;
+    const box = n => [n.pos[0], n.pos[1] - title, n.pos[0] + n.size[0], n.pos[1] + n.size[1]];
+    for (let i = 0; i < nodes.length; i++)
+        for (let j = i + 1; j < nodes.length; j++) {
+            const [a, b] = [box(nodes[i]), box(nodes[j])];
+            if (a[0] < b[2] && b[0] < a[2] && a[1] < b[3] && b[1] < a[3])
+                problems.push(`${nodes[i].type} #${nodes[i].id} overlaps ${nodes[j].type} #${nodes[j].id}`);
+        }
+    const links = app.graph.links instanceof Map ? [...app.graph.links.values()] : Object.values(app.graph.links);
+    for (const l of links)
+        if (l && (!app.graph.getNodeById(l.origin_id) || !app.graph.getNodeById(l.target_id)))
+            problems.push(`link ${l.id} leads nowhere`);
+    for (const n of nodes)
+        for (const input of n.inputs || [])
+            if (!input.widget && input.link == null && !(n.constructor.nodeData?.input?.optional || {})[input.name])
+                problems.push(`${n.type} #${n.id}: input ${input.name} is not connected`);
+    return problems;
+}"""
+
+
 def is_strides(message):
     return "/extensions/stride/" in message.location.get("url", "") or "stride" in message.text.lower()
 
@@ -70,6 +92,7 @@ def test_ui_loads_stride_and_runs_the_example(comfy_server, tmp_path):
                 }""", name)
                 assert workflow == load_example(name)
                 assert page.evaluate("() => app.graph.nodes.length") == len(workflow["nodes"])
+                assert page.evaluate(LAYOUT_PROBLEMS) == [], name
                 assert page.evaluate("async () => (await app.graphToPrompt()).output") == ui_to_api(workflow)
                 seen = set(history(comfy_server))
                 page.get_by_role("button", name="Run", exact=True).first.click()
