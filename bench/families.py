@@ -137,7 +137,7 @@ FAMILIES = [
                                                         "depth": 2 * d, "num_heads": 2, "caption_channels": CTX,
                                                         "model_max_length": TOKENS, "micro_condition": False,
                                                         "pe_interpolation": 0.5},
-           (4, 64, 64), note="EPS DiT (its positions need a latent of 48+ pixels: patch 8)"),
+           (4, 96, 96), note="EPS DiT (its positions need a latent of 48+ pixels, also at half scale: patch 8)"),
     Family("HunyuanDiT", "HunyuanDiT1", lambda c, d: {"image_model": "hydit1", "input_size": [8, 8],
                                                       "patch_size": 2, "in_channels": 4, "hidden_size": 64,
                                                       "depth": 2 * d, "num_heads": 2, "text_states_dim": CTX,
@@ -276,10 +276,8 @@ def unavailable(name):
     return None
 
 
-@functools.lru_cache(maxsize=None)
-def _build(name, depth, seed):
-    import comfy.model_management as mm
-    import comfy.model_patcher
+def _model(name, depth):
+    """A new ComfyUI BaseModel of the family (weights uninitialised)."""
     import comfy.supported_models
     from bench import host
     compat = host.stride("nodes.compat")
@@ -290,21 +288,29 @@ def _build(name, depth, seed):
     unet_config = family.unet(compat, depth)
     params = PARAMS.get(unet_config.get("image_model"))
     if params is not None:  # fields newer trees added to the family's parameters (nodes/compat.py)
-        module, name = params
-        unet_config = compat.params_config(getattr(importlib.import_module(module), name), unet_config)
+        module, cls = params
+        unet_config = compat.params_config(getattr(importlib.import_module(module), cls), unet_config)
     config = getattr(comfy.supported_models, family.config)(unet_config)
     config.set_inference_dtype(torch.float32, None)
-    model = config.get_model({}, "", device=torch.device("cpu"))
+    return config.get_model({}, "", device=torch.device("cpu"))
+
+
+@functools.lru_cache(maxsize=None)
+def _weights(name, depth, seed):
+    """The seeded weights of a family's tiny model (built once; each build copies them into a new model)."""
+    model = _model(name, depth)
     init_weights(model.diffusion_model, seed)
-    return model
+    return {k: v.clone() for k, v in model.diffusion_model.state_dict().items()}
 
 
 def build(name, depth=2, seed=0):
-    """A fresh ModelPatcher around the (shared, unpatched) tiny model of `name`."""
+    """A new tiny model of `name` (its own BaseModel and ModelPatcher, so no test sees another's patches, and
+    ComfyUI's model management frees both together); the same (name, depth, seed) gives the same weights."""
     import comfy.model_management as mm
     import comfy.model_patcher
     family = BY_NAME[name]
-    model = _build(name, depth, seed)
+    model = _model(name, depth)
+    model.diffusion_model.load_state_dict(_weights(name, depth, seed))
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                                offload_device=mm.unet_offload_device())
 

@@ -68,7 +68,7 @@ def units_of(model, probe=None):
         return unet_units(model)
     if probe is None:
         return []
-    recorder = Cache("block discovery", [], discover=True, attention=True)
+    recorder = Cache("block discovery", [], discover=True, attention=True, quiet=True)
     probe(recorder.patch(model, "stride_block_discovery"))
     run = recorder.last_run
     return [] if run is None else list(run.seen.values()) + list(run.seen_attention.values())
@@ -168,14 +168,14 @@ class Cache:
     thread (its blocks run there). Reused tensors follow the device and dtype of the call that uses them (ComfyUI
     may move weights between calls)."""
 
-    def __init__(self, name, units, policy=None, meter=None, discover=False, attention=False):
+    def __init__(self, name, units, policy=None, meter=None, discover=False, attention=False, quiet=False):
         """units: the units to cache (a plan's); discover: every "dit" block the model looks up is a unit (the
         step cache's first-block indicator, block discovery); attention: record the attention of DiT blocks too."""
         self.name, self.units, self.policy, self.meter = name, units, policy, meter
         dit = {unit for unit, _, (kind, _) in units if kind == "dit"}
         self.dit = None if discover else dit  # the "dit" units answered (None: all the model looks up)
         self.inject = discover or bool(dit)
-        self.record_attention = attention
+        self.record_attention, self.quiet = attention, quiet
         self.runs = PerRun(f"stride {name}", self.new_run, self.log)
         self.local = threading.local()
         self.last_run = None
@@ -212,7 +212,7 @@ class Cache:
 
     def log(self, run):
         self.last_run = run
-        if not run.calls or self.meter is not None:
+        if not run.calls or self.meter is not None or self.quiet:
             return
         wall = time.perf_counter() - run.start
         blocks = (f", {run.unit_hits} of {run.unit_calls} block evaluations reused" if run.unit_calls else "")

@@ -1,0 +1,400 @@
+"""The family x feature coverage matrix: every Stride feature on a tiny model of every family ComfyUI ships
+(bench/families.py), through ComfyUI's own KSampler and SamplerCustomAdvanced paths, each cell reporting what the
+feature did: "engaged" (with the measured reuse: cache hits, unconditional passes skipped, small-model calls, fitted
+values used), "whole-call" (a block cache on a model without block replacement: whole calls cached, the log says
+why), "refused" (a clear error naming the family and the cause) or "unavailable" (the family is not in this ComfyUI).
+
+    python -m bench.coverage [--quick] [--json PATH] [--families "Flux dev,WAN 2.1 T2V"] [--markdown PATH]
+
+prints the table (markdown) and writes docs/coverage.md with --markdown docs/coverage.md. The tests
+(tests/test_coverage.py) run the same cells and check each one engaged or said why, and that the README's table
+says what this program measures.
+"""
+import argparse
+import contextlib
+import json
+import logging
+import re
+import sys
+import time
+from typing import NamedTuple
+
+import torch
+
+STEPS = 4
+CFG = 3.0
+SEED = 7
+CALIBRATED_NAMES = ("stride_dc_solver", "stride_iia_dpmpp_2m", "stride_dpm_solver_v3")
+SAMPLER_NODES = ("StrideSamplerDPMPP", "StrideSamplerUniPC", "StrideSamplerDualFast", "StrideSamplerHeavyBall",
+                 "StrideSamplerGHVB", "StrideSamplerTimeShift", "StrideSamplerFlowTurbo", "StrideSamplerMixedSDE",
+                 "StrideSamplerParaDiGMS", "StrideSamplerBottleneck")
+
+
+class Cell(NamedTuple):
+    status: str      # engaged | whole-call | refused | unavailable
+    measure: str     # what was measured ("6/16 blocks reused", "2/4 uncond skipped", ...) or the reason
+    detail: str = ""  # the log line or error behind it
+
+    def text(self):
+        return {"engaged": f"engaged: {self.measure}", "whole-call": f"whole calls: {self.measure}",
+                "refused": "refused", "unavailable": "not in this ComfyUI"}[self.status]
+
+
+# --- the ComfyUI paths ---------------------------------------------------------------------------------------------
+
+class Logs(logging.Handler):
+    """The Stride log lines of one cell."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines = []
+
+    def emit(self, record):
+        message = record.getMessage()
+        if message.startswith("Stride"):
+            self.lines.append(message)
+
+    def find(self, pattern):
+        return [m for line in self.lines if (m := re.search(pattern, line))]
+
+
+@contextlib.contextmanager
+def captured():
+    logs, root = Logs(), logging.getLogger()
+    level = root.level
+    root.addHandler(logs)
+    root.setLevel(min(level, logging.INFO))
+    try:
+        yield logs
+    finally:
+        root.removeHandler(logs)
+        root.setLevel(level)
+
+
+def node(name):
+    import nodes
+    return nodes.NODE_CLASS_MAPPINGS[name]
+
+
+def ksampler(built, model=None, sampler="euler", scheduler="simple", steps=STEPS, cfg=CFG):
+    """ComfyUI's KSampler node path (comfy.sample.sample)."""
+    import comfy.sample
+    latent = built.latent()
+    noise = comfy.sample.prepare_noise(latent, SEED)
+    with torch.inference_mode():
+        return comfy.sample.sample(model or built.model, noise, steps, cfg, sampler, scheduler, built.positive(),
+                                   built.negative(), latent, seed=SEED, disable_pbar=True)
+
+
+def advanced(built, sampler, sigmas=None, model=None, guider=None, cfg=CFG):
+    """ComfyUI's SamplerCustomAdvanced path: a guider (CFGGuider unless given) sampling `sigmas`."""
+    import comfy.sample
+    import comfy.samplers
+    model = model or built.model
+    if guider is None:
+        guider = comfy.samplers.CFGGuider(model)
+        guider.set_conds(built.positive(), built.negative())
+        guider.set_cfg(cfg)
+    if sigmas is None:
+        sigmas = default_sigmas(model)
+    latent = built.latent()
+    noise = comfy.sample.prepare_noise(latent, SEED)
+    with torch.inference_mode():
+        return guider.sample(noise, latent, sampler, sigmas, seed=SEED, disable_pbar=True)
+
+
+def default_sigmas(model, steps=STEPS):
+    import comfy.samplers
+    return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", steps).cpu()
+
+
+def latent_input(built):
+    return {"samples": built.latent()}
+
+
+def finite(out):
+    return bool(torch.isfinite(out).all())
+
+
+def family_of(built):
+    """How refusals and logs name a family: ComfyUI's supported_models class or model class."""
+    return {type(built.model.model.model_config).__name__, type(built.model.model).__name__, built.family.name}
+
+
+def refused(error, built):
+    """A refusal counts when it is Stride's own error saying why, naming the family (its supported_models or model
+    class) or the form of its latent that the feature cannot take."""
+    message = str(error)
+    named = any(name in message for name in family_of(built)) or "latent" in message
+    if not message.startswith("Stride") or not named:
+        raise AssertionError(f"{built.family.name}: an error that does not say which family and why: "
+                             f"{type(error).__name__}: {message}") from error
+    return Cell("refused", message.split(": ", 1)[-1][:160], message)
+
+
+def short(message):
+    """A refusal in a few words for the table: its method and its first clause."""
+    method, _, why = message.partition(": ")
+    return f"{method.replace('Stride ', '')} refused ({why.split(';')[0].split(', which')[0][:70]})"
+
+
+def different(a, b):
+    return not torch.equal(a, b)
+
+
+# --- the features --------------------------------------------------------------------------------------------------
+
+def cell_ksampler_names(built, cache):
+    """Every stride_* KSampler name (the calibrated ones: their own columns) through the KSampler path: finite, and
+    not the euler result (the sampler's own update ran)."""
+    import comfy.samplers
+    names = [n for n in comfy.samplers.KSAMPLER_NAMES if n.startswith("stride_") and n not in CALIBRATED_NAMES]
+    euler = cache.setdefault("euler", ksampler(built))
+    ran, refusals = [], []
+    for name in names:
+        try:
+            out = ksampler(built, sampler=name)
+        except ValueError as e:
+            refusals.append(refused(e, built).detail)
+            continue
+        if not finite(out) or not different(out, euler):
+            raise AssertionError(f"{built.family.name}: {name} ran without effect (finite {finite(out)})")
+        ran.append(name)
+    return Cell("engaged", f"{len(ran)}/{len(names)} samplers" + "".join(f"; {short(r)}" for r in refusals),
+                ", ".join(ran) + "".join(f"\n{r}" for r in refusals))
+
+
+def cell_sampler_nodes(built, cache):
+    """Every Stride sampler node (defaults) through SamplerCustomAdvanced: finite and not the euler result."""
+    import comfy.samplers
+    euler = cache.setdefault("euler_advanced", advanced(built, comfy.samplers.sampler_object("euler")))
+    euler8 = advanced(built, comfy.samplers.sampler_object("euler"), default_sigmas(built.model, 8))
+    ran, refusals = [], []
+    for name in SAMPLER_NODES:
+        cls = node(name)
+        schema = cls.GET_SCHEMA()
+        options = {i.id: i.default for i in schema.inputs if getattr(i, "default", None) is not None}
+        with captured():
+            try:
+                sampler = cls.execute(**options).result[0]
+                # the bottleneck's default stages need a schedule longer than 4 steps to restart within
+                steps = 8 if name == "StrideSamplerBottleneck" else STEPS
+                out = advanced(built, sampler, default_sigmas(built.model, steps))
+            except ValueError as e:
+                refusals.append(refused(e, built).detail)
+                continue
+        if not finite(out) or not different(out, euler8 if steps == 8 else euler):
+            raise AssertionError(f"{built.family.name}: {name} ran without effect (finite {finite(out)})")
+        ran.append(name)
+    return Cell("engaged", f"{len(ran)}/{len(SAMPLER_NODES)} sampler nodes" + "".join(f"; {short(r)}" for r in refusals),
+                ", ".join(ran) + "".join(f"\n{r}" for r in refusals))
+
+
+def skipped_passes(logs):
+    return [(int(m[1]), int(m[2])) for m in logs.find(r"unconditional pass skipped in (\d+) of (\d+)")]
+
+
+def cell_cfg_schedule(built, cache):
+    """The interval CFG schedule as a MODEL patch (KSampler) and as a GUIDER (SamplerCustomAdvanced): the
+    unconditional pass is skipped outside the interval in both."""
+    import comfy.samplers
+    with captured() as logs:
+        patched = node("StrideCFGSchedule").execute(model=built.model, schedule="interval", start=0.3, end=0.8,
+                                                     floor=1.0, points="0:1, 1:6", points_in="progress").result[0]
+        a = ksampler(built, patched)
+        guider = node("StrideCFGScheduleGuider").execute(
+            model=built.model, positive=built.positive(), negative=built.negative(), cfg=CFG, schedule="interval",
+            start=0.3, end=0.8, floor=1.0, points="0:1, 1:6", points_in="progress").result[0]
+        b = advanced(built, comfy.samplers.sampler_object("euler"), guider=guider)
+    runs = skipped_passes(logs)
+    if not (finite(a) and finite(b)) or len(runs) != 2 or not all(s > 0 for s, _ in runs):
+        raise AssertionError(f"{built.family.name}: CFG schedule did not skip ({runs}): {logs.lines}")
+    return Cell("engaged", f"{runs[0][0]}/{runs[0][1]} uncond skipped", "; ".join(logs.lines))
+
+
+def cell_raag(built, cache):
+    """RAAG as a MODEL patch (KSampler) and a GUIDER (SamplerCustomAdvanced): its per-step scale changes the result
+    against plain CFG at the same cfg."""
+    import comfy.samplers
+    euler = cache.setdefault("euler", ksampler(built))
+    euler_adv = cache.setdefault("euler_advanced", advanced(built, comfy.samplers.sampler_object("euler")))
+    with captured() as logs:
+        a = ksampler(built, node("StrideRAAG").execute(model=built.model, max_guidance=18.0, alpha=144.0).result[0])
+        guider = node("StrideRAAGGuider").execute(model=built.model, positive=built.positive(),
+                                                  negative=built.negative(), max_guidance=18.0, alpha=144.0).result[0]
+        b = advanced(built, comfy.samplers.sampler_object("euler"), guider=guider)
+    if not (finite(a) and finite(b) and different(a, euler) and different(b, euler_adv)):
+        raise AssertionError(f"{built.family.name}: RAAG had no effect")
+    change = float((a - euler).norm() / euler.norm().clamp_min(1e-12))
+    return Cell("engaged", f"guidance changed ({change:.0%} of the result)", "; ".join(logs.lines))
+
+
+def cache_counts(logs, label):
+    """(call hits, calls, block hits, block calls, text) of the runs `label` logged."""
+    out = []
+    for line in logs.lines:
+        if m := re.match(rf"Stride {label}: (\d+) of (\d+) model calls", line):
+            blocks = re.search(r"(\d+) of (\d+) block evaluations reused", line)
+            out.append((int(m[1]), int(m[2]), int(blocks[1]) if blocks else 0, int(blocks[2]) if blocks else 0,
+                        line))
+    return out
+
+
+NO_BLOCKS = "looks up no ComfyUI 'dit' block replacement"
+
+
+def cache_cell(built, logs, label, blocks):
+    """engaged: blocks reused (or, for a whole-call cache, calls); whole-call: a block cache on a model without
+    block replacement reused whole calls and its log says why; anything else fails."""
+    runs = cache_counts(logs, label)
+    if not runs:
+        raise AssertionError(f"{built.family.name}: no cache run logged: {logs.lines}")
+    hits, calls, block_hits, block_calls, line = runs[-1]
+    if block_hits:
+        return Cell("engaged", f"{block_hits}/{block_calls} blocks" + (f", {hits}/{calls} calls" if hits else ""),
+                    line)
+    if hits and not blocks:
+        return Cell("engaged", f"{hits}/{calls} calls", line)
+    if hits and any(NO_BLOCKS in entry for entry in logs.lines):
+        return Cell("whole-call", f"{hits}/{calls} calls", line)
+    raise AssertionError(f"{built.family.name}: the cache reused nothing and said nothing: {logs.lines}")
+
+
+def cell_step_cache_input(built, cache):
+    with captured() as logs:
+        model = node("StrideStepCache").execute(model=built.model, threshold=5.0, start=0.0, end=1.0, max_hits=1,
+                                                indicator="input change").result[0]
+        out = ksampler(built, model)
+    assert finite(out)
+    return cache_cell(built, logs, "step cache", blocks=False)
+
+
+def cell_step_cache_block(built, cache):
+    with captured() as logs:
+        try:
+            model = node("StrideStepCache").execute(model=built.model, threshold=5.0, start=0.0, end=1.0, max_hits=1,
+                                                    indicator="first block residual").result[0]
+        except ValueError as e:
+            return refused(e, built)
+        out = ksampler(built, model)
+    assert finite(out)
+    return cache_cell(built, logs, "step cache", blocks=True)
+
+
+PLAN_STEPS = 8  # a plan's call gate needs change rates, defined from a unit's third output on
+
+
+def cell_cache_plan(built, cache):
+    """InvarDiff: calibrate (quantiles 0.5) and apply, through the KSampler path."""
+    with captured() as logs:
+        model, text = node("StrideCalibrateCachePlan").execute(
+            built.model, built.positive(), built.negative(), latent_input(built), "euler", "simple", PLAN_STEPS, CFG,
+            1, SEED, 0.5, 0.5, 0.0).result
+        out = ksampler(built, model, steps=PLAN_STEPS)
+    assert finite(out)
+    return cache_cell(built, logs, "cache plan", blocks=True)
+
+
+def cell_tstitch(built, cache, small=None):
+    from bench import families
+    small = small or families.build(built.family.name, depth=1)
+    with captured() as logs:
+        try:
+            model = node("StrideTStitch").execute(model=built.model, small_model=small.model, fraction=0.5).result[0]
+        except ValueError as e:
+            return refused(e, built)
+        out = ksampler(built, model)
+    m = [m for m in logs.find(r"Stride T-Stitch: (\d+) of (\d+) model calls by the small model")]
+    if not finite(out) or not m or int(m[-1][1]) == 0:
+        raise AssertionError(f"{built.family.name}: T-Stitch made no small-model call: {logs.lines}")
+    return Cell("engaged", f"{m[-1][1]}/{m[-1][2]} calls by the small model", m[-1][0])
+
+
+FEATURES = {
+    "stride_* KSampler names": cell_ksampler_names,
+    "sampler nodes (SamplerCustomAdvanced)": cell_sampler_nodes,
+    "CFG schedule": cell_cfg_schedule,
+    "RAAG": cell_raag,
+    "step cache (input change)": cell_step_cache_input,
+    "step cache (first block)": cell_step_cache_block,
+    "cache plan": cell_cache_plan,
+    "T-Stitch": cell_tstitch,
+}
+
+
+def run_family(name, features=None, on_cell=None):
+    """{feature: Cell} for one family (built once; every cell on a fresh patcher of the shared weights)."""
+    from bench import families
+    reason = families.unavailable(name)
+    features = features or list(FEATURES)
+    if reason:
+        return {f: Cell("unavailable", reason) for f in features}
+    out, cache = {}, {}
+    for feature in features:
+        built = families.build(name)
+        start = time.perf_counter()
+        out[feature] = FEATURES[feature](built, cache)
+        if on_cell:
+            on_cell(name, feature, out[feature], time.perf_counter() - start)
+    return out
+
+
+@contextlib.contextmanager
+def calibration_folder():
+    """Calibrations (cache plans, fitted solvers, schedules) go to a temporary folder, first in Stride's list,
+    removed afterwards: every run calibrates afresh and nothing lands in ComfyUI's models folder."""
+    import shutil
+    import tempfile
+    import folder_paths
+    from bench import host
+    store = host.stride("nodes.calibration_store")
+    store.register()
+    paths = folder_paths.folder_names_and_paths[store.FOLDER][0]
+    path = tempfile.mkdtemp(prefix="stride-coverage-")
+    paths.insert(0, path)
+    try:
+        yield path
+    finally:
+        paths.remove(path)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def run(names=None, features=None, on_cell=None):
+    from bench import families, host
+    host.boot()
+    torch.set_num_threads(1)
+    names = names or [f.name for f in families.FAMILIES]
+    with calibration_folder():
+        return {name: run_family(name, features, on_cell) for name in names}
+
+
+def markdown(results, features=None):
+    features = features or list(FEATURES)
+    rows = ["| family | " + " | ".join(features) + " |", "|---" * (len(features) + 1) + "|"]
+    for name, cells in results.items():
+        rows.append(f"| {name} | " + " | ".join(cells[f].text() for f in features) + " |")
+    return "\n".join(rows)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="the CI settings (the only ones so far)")
+    parser.add_argument("--json", help="write the cells as JSON here")
+    parser.add_argument("--markdown", help="write the table here (docs/coverage.md)")
+    parser.add_argument("--families", help="comma-separated family names (default: all)")
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.families.split(",")] if args.families else None
+    results = run(names, on_cell=lambda n, f, c, s: print(f"{n:18s} {f:40s} {s:5.1f}s {c.text()}",
+                                                          file=sys.stderr))
+    table = markdown(results)
+    print(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({n: {k: c._asdict() for k, c in cells.items()} for n, cells in results.items()}, f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
