@@ -86,6 +86,9 @@ def start_state(x_max, start, noise, latent, base_model, denoiser, param, sigma_
     return sample_unipc(denoiser, x_max, grid, param=param, order=3, variant="bh2")
 
 
+LOG_EVERY_S = 10.0  # how often a long calibration logs its remaining time
+
+
 def calibrate(model, positive, negative, latent, cfg, seed, samples, budget, label, fn, capped=True, start=None):
     """fn(Calibration) run inside one ComfyUI sampling pass of the model (a batch of `samples` latents from
     `latent`, noised from `seed`, at sigma `start`: by default the model's sigma_max, see start_state); returns
@@ -101,10 +104,17 @@ def calibrate(model, positive, negative, latent, cfg, seed, samples, budget, lab
         budget += CARRY_POINTS
     pbar = comfy.utils.ProgressBar(max(int(budget), 1))
     result = {}
+    clock = {"start": None, "logged": 0.0}
 
     def progress(done, total):
         comfy.model_management.throw_exception_if_processing_interrupted()
         pbar.update_absolute(min(int(done), pbar.total))
+        now = time.perf_counter()
+        if clock["start"] is not None and done and now - clock["logged"] >= LOG_EVERY_S:
+            clock["logged"] = now
+            left = (now - clock["start"]) / done * max(pbar.total - done, 0)
+            logging.info("Stride %s: %d of about %d model evaluations, about %.0f s to go", label, done, pbar.total,
+                         left)
 
     def sampler_fn(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
         extra_args = extra_args or {}
@@ -124,12 +134,14 @@ def calibrate(model, positive, negative, latent, cfg, seed, samples, budget, lab
             return out.to(x_.dtype)
         counted = Counted(guided, batch, budget if capped else None, progress)
         counted.inner_model = model_k.inner_model  # Stride samplers read the model's parameterization here
+        guided(x, sigmas[:1].expand(x.shape[0]))  # a cold first call (allocations, caches): not timed, not counted
         began = time.perf_counter()
-        counted(x, sigmas[:1].expand(x.shape[0]))  # one timed evaluation: the cost estimate
+        counted(x, sigmas[:1].expand(x.shape[0]))  # one timed warm evaluation: the cost estimate
         per_call = time.perf_counter() - began
         logging.info("Stride %s: calibration of %s %d model evaluations on a batch of %d, about %.0f s "
-                     "(one evaluation took %.2f s)", label, "up to" if capped else "about", budget, x.shape[0],
+                     "(one warm evaluation took %.2f s)", label, "up to" if capped else "about", budget, x.shape[0],
                      budget * per_call, per_call)
+        clock["start"] = clock["logged"] = began
 
         def run(name, sigmas_, x_):
             sampler = comfy.samplers.sampler_object(name)
@@ -147,7 +159,10 @@ def calibrate(model, positive, negative, latent, cfg, seed, samples, budget, lab
     began = time.perf_counter()
     comfy.sample.sample_custom(model, noise, cfg, comfy.samplers.KSAMPLER(sampler_fn), sigmas, positive, negative,
                                latent_image, seed=seed, disable_pbar=True)
-    return result["value"], result["calls"], time.perf_counter() - began
+    seconds = time.perf_counter() - began
+    logging.info("Stride %s: calibration done: %g model evaluations (and one untimed warm-up) in %.1f s", label,
+                 result["calls"], seconds)
+    return result["value"], result["calls"], seconds
 
 
 @contextmanager
