@@ -148,21 +148,39 @@ def run_teleport(calibration, values, model, x, sigmas, extra_args, callback, di
     return teleport.sample_teleport(model, x, sigmas, extra_args, callback, disable, param, stats, skip)
 
 
+REDI_EXPLAINED = 0.5  # below this share of a state explained by the nearest keys, retrieval is mostly a guess
+
+
 def fit_redi(ctx, sigmas, options):
     """The knowledge base: DDIM runs of the calibration batch, keys at key_step, values at value_step."""
     solve = lambda x, s: sample_ddim(ctx.denoiser, x, s, param=ctx.param)
     keys, values = redi.build(solve, ctx.x, sigmas.double(), options["key_step"], options["value_step"])
-    return {"keys": keys, "values": values}, {"entries": len(keys)}
+    share = redi.self_explained(keys)
+    if share < REDI_EXPLAINED:
+        logging.warning("Stride ReDi: the %d stored trajectories explain only %.0f%% of each other's state at the key "
+                        "step (latents of %d values): too few for retrieval to stand in for the skipped steps; build "
+                        "the knowledge base from more samples", len(keys), 100 * share, keys.shape[1])
+    return {"keys": keys, "values": values}, {"entries": len(keys), "explained": round(share, 4)}
 
 
 def run_redi(calibration, values, model, x, sigmas, extra_args, callback, disable, param, overrides):
     options = calibration["options"]
-    logging.info("Stride ReDi: steps %d to %d retrieved from %d stored trajectories (no model evaluation)",
-                 options["key_step"], options["value_step"], len(values["keys"]))
-    return redi.sample_redi(model, x, sigmas, extra_args, callback, disable,
-                            knowledge=(values["keys"], values["values"]), key_step=options["key_step"],
-                            value_step=options["value_step"], neighbours=overrides.get("neighbours", 8),
-                            solver=functools.partial(sample_ddim, param=param))
+    k, v = options["key_step"], options["value_step"]
+    carry = overrides.get("residual", "off") == "carry"
+    logging.info("Stride ReDi: steps %d to %d retrieved from %d stored trajectories (no model evaluation)%s", k, v,
+                 len(values["keys"]), "; the unexplained part carried forward" if carry else "")
+    stats = {}
+    out = redi.sample_redi(model, x, sigmas, extra_args, callback, disable,
+                           knowledge=(values["keys"], values["values"]), key_step=k, value_step=v,
+                           neighbours=overrides.get("neighbours", 8),
+                           residual_scale=float(sigmas[v] / sigmas[k]) if carry else 0.0, stats=stats,
+                           solver=functools.partial(sample_ddim, param=param))
+    share = sum(stats["explained"]) / len(stats["explained"])
+    if share < REDI_EXPLAINED:
+        logging.warning("Stride ReDi: the knowledge base explains only %.0f%% of this run's state at step %d: the "
+                        "retrieved state is mostly a guess; build it from more samples%s", 100 * share, k,
+                        "" if carry else " (or set residual to carry)")
+    return out
 
 
 calibrated.METHODS.update({"teleport": "teleportation", "redi": "ReDi"})
@@ -189,6 +207,12 @@ class StrideCalibrateTeleport(io.ComfyNode):
                                         samples, seed, sigmas, {"rank": rank}, TELEPORT_POINTS + 2 * steps))
 
 
+def _with_samples(inputs, default, tooltip):
+    """The calibrate inputs with another default (and tooltip) for `samples`."""
+    return [io.Int.Input("samples", default=default, min=1, max=64, tooltip=tooltip) if i.id == "samples" else i
+            for i in inputs]
+
+
 class StrideBuildReDi(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -197,11 +221,13 @@ class StrideBuildReDi(io.ComfyNode):
             description="ReDi's knowledge base: DDIM runs of your model on the calibration noises (and prompts), "
                         "each storing its state at key_step and at value_step, for this schedule, cfg and latent "
                         "size. More samples: better retrieval.",
-            inputs=_calibrate_inputs([io.Int.Input("key_step", default=2, min=1, max=99,
+            inputs=_with_samples(_calibrate_inputs([io.Int.Input("key_step", default=2, min=1, max=99,
                                                    tooltip="Steps run before the retrieval."),
                                       io.Int.Input("value_step", default=4, min=2, max=99,
                                                    tooltip="The step the run resumes at; the steps between are "
-                                                           "retrieved.")]),
+                                                           "retrieved.")]), 64,
+                                "Stored trajectories (one per calibration noise): retrieval needs many; the node "
+                                "warns when they explain too little of each other."),
             outputs=[io.String.Output(tooltip="The knowledge base: connect or paste it into the ReDi sampler.")])
 
     @classmethod
@@ -222,7 +248,11 @@ StrideSamplerReDi = _sampler_node(
     "StrideSamplerReDi", "redi", "ReDi sampler (Stride)",
     "DDIM with the steps between the knowledge base's key and value steps retrieved from stored trajectories of "
     "your model. Refuses a knowledge base of another model, schedule or cfg.",
-    [io.Int.Input("neighbours", default=8, min=1, max=256, tooltip="Stored trajectories combined per image.")])
+    [io.Int.Input("neighbours", default=8, min=1, max=256, tooltip="Stored trajectories combined per image."),
+     io.Combo.Input("residual", options=["off", "carry"], default="off", optional=True,
+                    tooltip="(expert) off: the retrieved state alone (ReDi's). carry: add the part of the state the "
+                            "keys do not explain, scaled by sigma_v / sigma_k (Stride's option; with a small "
+                            "knowledge base it mostly rescales the state).")])
 
 NODES = [StrideSamplerParaDiGMS, StrideSamplerBottleneck, StrideCalibrateTeleport, StrideBuildReDi,
          StrideSamplerTeleport, StrideSamplerReDi]

@@ -105,3 +105,25 @@ def test_teleportation_and_redi_calibrate_store_and_sample(node_class, calibrati
     with pytest.raises(ValueError, match="made at cfg 3.0, this run uses 5.0"):
         sample(model, pos, neg, latent, node_class("StrideSamplerTeleport").execute(tele, skip=0.2).result[0], sigmas,
                cfg=5.0)
+
+
+def test_redi_node_options_act_and_a_small_base_is_warned(node_class, calibration_store, caplog):
+    """residual carry changes the output (off: ReDi's retrieved state alone, the default); neighbours changes it;
+    a base of 8 entries for a 256-value latent gets the build and the run warnings."""
+    model, pos, neg, latent = demo(node_class, "oracle_eps", digits="33")
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "karras", 10)
+    with torch.inference_mode(), caplog.at_level(logging.WARNING):
+        kb = node_class("StrideBuildReDi").execute(model, pos, neg, latent, 3.0, "karras", 10, 8, 0, key_step=2,
+                                                   value_step=4).result[0]
+    assert any("explain only" in r.getMessage() and "each other's state" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    redi = lambda **options: sample(model, pos, neg, latent,
+                                    node_class("StrideSamplerReDi").execute(kb, **options).result[0], sigmas)
+    with caplog.at_level(logging.WARNING):
+        default = redi(neighbours=8)
+    assert any("explains only" in r.getMessage() and "residual to carry" in r.getMessage() for r in caplog.records)
+    assert torch.equal(default, redi(neighbours=8, residual="off"))
+    assert not torch.equal(default, redi(neighbours=8, residual="carry"))
+    assert not torch.equal(default, redi(neighbours=2))
+    schema = node_class("StrideBuildReDi").define_schema()
+    assert next(i for i in schema.inputs if i.id == "samples").default == 64
