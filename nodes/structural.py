@@ -125,13 +125,17 @@ TELEPORT_POINTS = 24  # the teacher solve that produces the model samples
 def fit_teleport(ctx, sigmas, options):
     """Gaussian statistics of samples of the model (a UniPC-3 teacher at the user's cfg and conditioning)."""
     samples = model_samples(ctx, TELEPORT_POINTS)
+    if options["rank"] > len(samples) - 1:
+        logging.warning("Stride teleportation: rank %d needs at least %d samples; %d samples give only %d principal "
+                        "directions (the rest is isotropic): raise samples for the rank you asked for",
+                        options["rank"], options["rank"] + 1, len(samples), len(samples) - 1)
     mu, u, lam, lam_res = teleport.gaussian_stats(samples, options["rank"])
     values = {"mu": mu, "u": u, "lam": lam, "lam_res": lam_res.reshape(1)}
     reference = teacher_trajectory(ctx.denoiser, ctx.x, sigmas[:-1], ctx.param.flow, calibrated.REFINE)[0][-1]
     run = lambda skip: teleport.sample_teleport(ctx.denoiser, ctx.x, sigmas, param=ctx.param,
                                                 stats=(mu, u, lam, lam_res), skip=skip)
     return values, {"error": float(mse(run(0.2), reference).mean()),
-                    "base_error": float(mse(run(0.0), reference).mean())}
+                    "base_error": float(mse(run(0.0), reference).mean()), "rank": int(u.shape[1])}
 
 
 def run_teleport(calibration, values, model, x, sigmas, extra_args, callback, disable, param, overrides):
@@ -197,7 +201,8 @@ class StrideCalibrateTeleport(io.ComfyNode):
                         "model under your conditioning and cfg, for the closed-form jump over the first steps. "
                         "Statistics are per conditioning: calibrate with the prompt you sample with.",
             inputs=_calibrate_inputs([io.Int.Input("rank", default=16, min=1, max=256,
-                                                   tooltip="Principal directions kept (at most samples - 1).")]),
+                                                   tooltip="Principal directions kept: at most samples - 1 "
+                                                           "(the node warns when samples cap it).")]),
             outputs=[io.String.Output(tooltip="The calibration: connect or paste it into the teleportation sampler.")])
 
     @classmethod

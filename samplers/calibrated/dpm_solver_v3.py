@@ -157,6 +157,11 @@ def sample_dpm_solver_v3(model, x, sigmas, extra_args=None, callback=None, disab
 SHRINK = 256  # per-element statistics from K samples are blended with the per-channel ones by K / (K + SHRINK)
 
 
+def element_weight(samples):
+    """The share of per-element statistics in what estimate_ems returns from `samples` model samples."""
+    return samples / (samples + SHRINK)
+
+
 def estimate_ems(denoiser, x0, lambdas, per_channel=True, probes=1, seed=0):
     """EMS on the lambda grid from model samples x0 [K, C, H, W], for the VE-ised denoiser D(x~, sigma~[R]).
 
@@ -172,7 +177,7 @@ def estimate_ems(denoiser, x0, lambdas, per_channel=True, probes=1, seed=0):
     lambdas = torch.as_tensor(lambdas, dtype=torch.float64)
     channel = lambda t: t.mean(dim=(0, 2, 3), keepdim=True)[0]
     element = lambda t: t.mean(dim=0)
-    weight = len(x0) / (len(x0) + SHRINK)
+    weight = element_weight(len(x0))
     blend = lambda stat: stat(channel) if per_channel else weight * stat(element) + (1 - weight) * stat(channel)
     d_lam = 0.5 * float(torch.diff(lambdas).min())
     ls, points = [], []
