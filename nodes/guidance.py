@@ -92,7 +92,7 @@ def cfg_schedule(kind, start, end, floor, points, points_in):
     def scale_at(model_sampling, sigma, base):
         p = progress(model_sampling, sigma)
         if kind == "custom" and points_in == "sigma":
-            return guidance.interpolate(curve, float(sigma))
+            return guidance.interpolate(curve, float(sigma), base)
         return guidance.scheduled_scale(kind, p, base, start, end, floor, curve)
     return scale_at
 
@@ -139,7 +139,8 @@ SCHEDULE_INPUTS = lambda: [
                            "skips the unconditional pass; the paper's choice is 2."),
     io.String.Input("points", default="0:1, 0.25:6, 1:6",
                     tooltip="custom: comma-separated position:scale points, interpolated linearly, e.g. "
-                            "'0:1, 0.25:6, 1:6' (positions are progress 0-1, or sigmas, see points_in)."),
+                            "'0:1, 0.25:6, 1:6' (positions are progress 0-1, or sigmas, see points_in). A scale "
+                            "may be 'cfg', the sampler's (or the guider's) cfg: '0:1, 0.25:cfg, 1:cfg'."),
     io.Combo.Input("points_in", options=["progress", "sigma"], default="progress",
                    tooltip="custom: whether the points' positions are progress through the noise range (0 = "
                            "noise, 1 = clean) or the model's sigma values."),
@@ -180,12 +181,17 @@ class StrideCFGScheduleGuider(io.ComfyNode):
                     io.Conditioning.Input("positive", tooltip="Positive conditioning."),
                     io.Conditioning.Input("negative", tooltip="Negative (unconditional) conditioning."),
                     io.Float.Input("cfg", default=6.0, min=0.0, max=100.0, step=0.1,
-                                   tooltip="The base scale the schedule is built around.")]
+                                   tooltip="The base scale the schedule is built around (custom: where a point's "
+                                           "scale is 'cfg').")]
             + SCHEDULE_INPUTS(),
             outputs=[io.Guider.Output()])
 
     @classmethod
     def execute(cls, model, positive, negative, cfg, schedule, start, end, floor, points, points_in) -> io.NodeOutput:
+        if schedule == "custom" and all(scale is not None for _, scale in guidance.parse_points(points)):
+            logging.warning("Stride CFG schedule guider: the custom curve %r has fixed scales, so the guider's cfg "
+                            "(%g) is not used; write 'cfg' as a scale (e.g. '0:1, 0.25:cfg, 1:cfg') to use it",
+                            points, cfg)
         return io.NodeOutput(cfg_guider(StrideCFGSchedule.execute(model, schedule, start, end, floor, points,
                                                                    points_in).result[0], positive, negative, cfg))
 

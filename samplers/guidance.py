@@ -12,16 +12,22 @@ SCHEDULES = ("constant", "linear", "cosine", "clamp_linear", "interval", "custom
 
 
 def parse_points(text):
-    """'p:scale, p:scale, ...' -> sorted [(p, scale)]; a clear error for anything else."""
+    """'p:scale, p:scale, ...' -> sorted [(p, scale)]; a scale may be 'cfg' (None here: the base scale, filled in
+    by interpolate); a clear error for anything else."""
     points = []
     for item in (s.strip() for s in text.replace(";", ",").split(",")):
         if not item:
             continue
         try:
-            where, scale = (float(v) for v in item.split(":"))
+            where, scale = item.split(":")
+            where, scale = float(where), None if scale.strip().lower() == "cfg" else float(scale)
         except ValueError:
-            raise ValueError(f"Stride CFG schedule: custom point {item!r} is not 'position:scale' (e.g. '0:1, 0.3:7')")
-        if not (math.isfinite(where) and math.isfinite(scale)) or scale < 0:
+            raise ValueError(f"Stride CFG schedule: custom point {item!r} is not 'position:scale' (e.g. '0:1, 0.3:7', "
+                             "or '0.3:cfg' for the base scale)")
+        if scale is None:
+            if not math.isfinite(where):
+                raise ValueError(f"Stride CFG schedule: custom point {item!r} needs a finite position")
+        elif not (math.isfinite(where) and math.isfinite(scale)) or scale < 0:
             raise ValueError(f"Stride CFG schedule: custom point {item!r} needs finite values and a scale >= 0")
         points.append((where, scale))
     if not points:
@@ -29,8 +35,12 @@ def parse_points(text):
     return sorted(points)
 
 
-def interpolate(points, p):
-    """Piecewise-linear through (position, scale) points, constant beyond the ends."""
+def interpolate(points, p, cfg=None):
+    """Piecewise-linear through (position, scale) points, constant beyond the ends; a None scale is cfg."""
+    if any(scale is None for _, scale in points):
+        if cfg is None:
+            raise ValueError("Stride CFG schedule: a custom point uses 'cfg' but no base scale is given")
+        points = [(where, cfg if scale is None else scale) for where, scale in points]
     if p <= points[0][0]:
         return points[0][1]
     for (p0, s0), (p1, s1) in zip(points, points[1:]):
@@ -46,7 +56,7 @@ def scheduled_scale(kind, p, cfg, start=0.0, end=1.0, floor=1.0, points=None):
     mean over p in [0, 1] as the constant cfg (a schedule that never reaches p = 1, as flow schedules ending at
     sigma = 0 do, averages a little less): linear 1 + 2 (cfg - 1) p; cosine 1 + (cfg - 1)(1 - cos(pi p)); clamp_linear
     max(floor, linear). interval: cfg inside [start, end] of the progress (both ends included), 1 outside (Kynkaanniemi et al. 2024,
-    arXiv:2404.07724). custom: `points` [(p, scale)] interpolated."""
+    arXiv:2404.07724). custom: `points` [(p, scale)] interpolated (a None scale: cfg)."""
     if kind == "constant":
         return cfg
     if kind == "linear":
@@ -58,7 +68,7 @@ def scheduled_scale(kind, p, cfg, start=0.0, end=1.0, floor=1.0, points=None):
     if kind == "interval":
         return cfg if start <= p <= end else 1.0
     if kind == "custom":
-        return interpolate(points, p)
+        return interpolate(points, p, cfg)
     raise ValueError(f"Stride CFG schedule: unknown schedule {kind!r}; choose from {', '.join(SCHEDULES)}")
 
 

@@ -56,6 +56,24 @@ def test_parse_points_and_interpolate(g):
     assert [g.interpolate([(0.5, 3.0)], p) for p in (0, 0.5, 1)] == [3.0, 3.0, 3.0]
 
 
+def test_custom_points_can_use_the_base_cfg(g, node_class, caplog):
+    """A custom scale may be 'cfg': the guider's cfg (or the sampler's) then shapes the curve; a curve of fixed
+    scales leaves the guider's cfg unused, and the guider says so."""
+    points = g.parse_points("0:1, 0.5:cfg, 1:2")
+    assert [g.scheduled_scale("custom", p, 7.0, points=points) for p in (0, 0.25, 0.5, 1)] == [1.0, 4.0, 7.0, 2.0]
+    assert g.scheduled_scale("custom", 0.5, 3.0, points=points) == 3.0
+    m, pos, neg, _ = demo(node_class, "oracle_eps")
+    with caplog.at_level(logging.WARNING):
+        node_class("StrideCFGScheduleGuider").execute(m, pos, neg, 4.0, "custom", 0.2, 0.8, 1.0, "0:1, 1:6",
+                                                      "progress")
+    assert any("guider's cfg (4) is not used" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        node_class("StrideCFGScheduleGuider").execute(m, pos, neg, 4.0, "custom", 0.2, 0.8, 1.0, "0:1, 1:cfg",
+                                                      "progress")
+    assert not any("is not used" in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.parametrize("text,words", [
     ("abc", "point 'abc' is not 'position:scale'"), ("1:", "point '1:' is not 'position:scale'"),
     ("0:1, 1:2:3", "'1:2:3' is not 'position:scale'"), ("", "needs at least one 'position:scale' point"),
