@@ -15,8 +15,9 @@ STUBS = os.path.join(REPO, "tools", "stubs")
 _state = {}
 
 
-def boot(base_dir=None):
-    """Import ComfyUI on CPU, load its built-in nodes and the Stride pack; returns the pack module."""
+def boot(base_dir=None, cpu=True):
+    """Import ComfyUI (on the CPU unless cpu=False: then on ComfyUI's own choice of device), load its built-in nodes
+    and the Stride pack; returns the pack module."""
     if "pack" in _state:
         return _state["pack"]
     if not os.path.exists(os.path.join(COMFY_ROOT, "main.py")):
@@ -28,7 +29,7 @@ def boot(base_dir=None):
         sys.path.insert(0, path)
     # 2. CPU before comfy.model_management is imported.
     import comfy.cli_args
-    comfy.cli_args.args.cpu = True
+    comfy.cli_args.args.cpu = cpu
     # 3. ComfyUI's utils package before nodes.py puts comfy/ on sys.path.
     import utils.extra_config  # noqa: F401
     import utils.install_util  # noqa: F401
