@@ -2,12 +2,14 @@
 from comfy_api.latest import ComfyExtension
 
 from .nodes import NODES
+from .nodes.bespoke import KSAMPLERS as BESPOKE_KSAMPLERS
 from .nodes.calibrated import KSAMPLERS as CALIBRATED_KSAMPLERS
 from .nodes.calibration_store import register as register_calibration_folder
 from .nodes.sampler_bridge import register_ksampler_names
 
 WEB_DIRECTORY = "./web"
-register_ksampler_names(CALIBRATED_KSAMPLERS)  # the stride_* names in KSampler / KSamplerSelect (idempotent)
+# the stride_* names in KSampler / KSamplerSelect (idempotent)
+register_ksampler_names({**CALIBRATED_KSAMPLERS, **BESPOKE_KSAMPLERS})
 register_calibration_folder()  # models/stride_calibrations
 
 
