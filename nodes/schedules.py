@@ -12,8 +12,8 @@ from comfy_api.latest import io
 from ..samplers import multistep
 from ..samplers.core import VE
 from ..samplers.schedules import ays, evolution, gits, ld3
-from ..samplers.schedules.common import (check_range, check_steps, mse, parse_schedule_text, resample,
-                                         schedule_text, teacher_trajectory, with_denoise)
+from ..samplers.schedules.common import (BudgetExceeded, check_range, check_steps, mse, parse_schedule_text,
+                                         resample, schedule_text, teacher_trajectory, with_denoise)
 from . import calibration_store as store
 from .calibration import autograd_weights, calibrate, conditioning_digest, teacher_grid
 from .sampler_bridge import KSAMPLERS
@@ -185,6 +185,25 @@ def _teacher_output(ctx, ms):
     return xs[-1]
 
 
+def sampler_check(ctx, sampler_name, optimized, init, target, label):
+    """(schedule, which) of the optimized and the initial schedule, whichever lands closer to the teacher's output
+    when the user's sampler runs it on the calibration noises: a sampler-free objective (AYS's KL bound) can
+    still miss for a given sampler. Skipped (optimized kept) when the budget left cannot pay for both runs."""
+    try:
+        errors = [float(mse(ctx.run(sampler_name, s.to(ctx.x.device), ctx.x), target).mean())
+                  for s in (optimized, init)]
+    except BudgetExceeded:
+        logging.info("Stride %s: no budget left to check the schedule with %s; keeping the optimized one", label,
+                     sampler_name)
+        return optimized, "optimized"
+    if errors[0] <= errors[1]:
+        return optimized, "optimized"
+    logging.warning("Stride %s: with %s the optimized schedule lands further from the model's own samples than the "
+                    "initial one (%.4g vs %.4g on the calibration noises); keeping the initial schedule", label,
+                    sampler_name, errors[0], errors[1])
+    return init, "initial"
+
+
 class StrideScheduleAYS(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -193,7 +212,9 @@ class StrideScheduleAYS(io.ComfyNode):
             description="Align Your Steps optimized on your model (any model: flow models through VE-ised "
                         "variables), at your guidance scale: coordinate descent on the KL upper bound between the "
                         "reverse SDE and the solver's linearisation, on samples of your model, with common random "
-                        "numbers. The objective does not depend on the sampler; the result suits every ODE sampler.",
+                        "numbers. The objective does not depend on the sampler; `sampler_name` then checks the "
+                        "result: if the initial schedule does better with that sampler on the calibration noises, "
+                        "it is kept (with a warning).",
             inputs=_optimizer_inputs(400, "Model evaluations: 24 for samples of the model, then about "
                                           "40 per step and sweep of the coordinate descent.") + [_initial_input()],
             outputs=_outputs())
@@ -203,14 +224,19 @@ class StrideScheduleAYS(io.ComfyNode):
                 denoise, initial) -> io.NodeOutput:
         check_steps(steps, "AYS")
         candidates, points = 4, 2
-        need(budget, 1 + TEACHER_POINTS + (steps - 1) * (candidates + 1) * 4 * points, "AYS",
-             f"one sweep of {steps} steps")
+        sweep = 1 + TEACHER_POINTS + (steps - 1) * (candidates + 1) * 4 * points
+        need(budget, sweep, "AYS", f"one sweep of {steps} steps")
+        reserve = 4 * steps if budget >= sweep + 4 * steps else 0  # the check with the user's sampler
 
         def fit(ctx, ms):
             init = initial_schedule(ms, ctx.param.flow, initial, steps)
-            sigmas, sweeps = ays.optimize(ctx.denoiser, _teacher_output(ctx, ms), init, ctx.sigma_min, ctx.param.flow,
-                                          candidates, sweeps=20, points=points, seed=seed)
-            return {"sigmas": sigmas}, {"sweeps": sweeps}
+            target = _teacher_output(ctx, ms)
+            ctx.denoiser.budget -= reserve
+            sigmas, sweeps = ays.optimize(ctx.denoiser, target, init, ctx.sigma_min, ctx.param.flow, candidates,
+                                          sweeps=20, points=points, seed=seed)
+            ctx.denoiser.budget += reserve
+            sigmas, kept = sampler_check(ctx, sampler_name, sigmas, init, target, "AYS")
+            return {"sigmas": sigmas}, {"sweeps": sweeps, "kept": kept}
         return optimize("ays", model, positive, negative, latent_image, cfg, sampler_name, budget, samples, seed,
                         denoise, {"steps": steps, "initial": initial}, fit)
 

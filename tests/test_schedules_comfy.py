@@ -13,7 +13,7 @@ from comfy_server import post_json, wait_for_history
 SEED, CFG, STEPS = 3, 3.0, 4
 OPTIMIZERS = {  # node: (budget, extra inputs) sized for a quick run
     "StrideScheduleGITS": (30, {"coeff": 1.15}),
-    "StrideScheduleAYS": (150, {"initial": "auto"}),
+    "StrideScheduleAYS": (161, {"initial": "auto"}),
     "StrideScheduleLD3": (80, {"initial": "auto"}),
     "StrideScheduleEvolution": (60, {"initial": "auto", "population": 4}),
 }
@@ -221,3 +221,28 @@ def test_gits_metric_changes_the_costs_and_is_stored_apart(node_class, store):
         l2, mse = run("l2"), run("mse")
     assert len(list(store.glob("*.safetensors"))) == 2
     assert not torch.equal(l2, mse)
+
+
+def test_ays_checks_its_schedule_with_the_users_sampler(stride, node_class, caplog):
+    """AYS's objective is sampler-free; sampler_name decides between the optimized and the initial schedule on the
+    calibration noises (the initial one kept, with a warning, when it lands closer with that sampler)."""
+    check = stride("nodes.schedules").sampler_check
+    common = stride("samplers.schedules.common")
+    optimized, init = torch.tensor([3.0, 1.0, 0.0]), torch.tensor([3.0, 0.5, 0.0])
+    target = torch.zeros(2, 4)
+
+    class Ctx:
+        x = torch.ones(2, 4)
+        run = staticmethod(lambda name, sigmas, x: x * float(sigmas[1]) * (2.0 if name == "euler" else 0.1))
+    with caplog.at_level(logging.WARNING):
+        assert check(Ctx, "euler", optimized, init, target, "AYS") == (init, "initial")  # 1.0 * 2 vs 0.5 * 2
+    assert any("with euler the optimized schedule lands further" in r.getMessage() for r in caplog.records)
+    Ctx.run = staticmethod(lambda name, sigmas, x: x * (1.0 - float(sigmas[1])))
+    assert check(Ctx, "euler", optimized, init, target, "AYS") == (optimized, "optimized")
+
+    def broke(name, sigmas, x):
+        raise common.BudgetExceeded("no budget")
+    Ctx.run = staticmethod(broke)
+    assert check(Ctx, "euler", optimized, init, target, "AYS") == (optimized, "optimized")
+    sigmas, text = run_optimizer(node_class, "StrideScheduleAYS", model="oracle_eps", steps=4)
+    assert json.loads(text)["calibration"]["kept"] in ("optimized", "initial")
