@@ -16,7 +16,6 @@ session-scoped factories, `tiny_unet(seed=0)`, that build a fresh model on every
 so a test never sees another test's patches; the same seed gives the same weights.
 """
 import functools
-import math
 from typing import Callable, NamedTuple
 
 import pytest
@@ -27,6 +26,7 @@ import comfy.model_management
 import comfy.model_patcher
 import comfy.supported_models
 from bench import host
+from bench.families import init_weights
 
 UNET_CONTEXT_DIM = 64
 DIT_CONTEXT_DIM = 32
@@ -39,20 +39,6 @@ class TinyModel(NamedTuple):
     positive: Callable[..., list]
     negative: Callable[..., list]
     latent: Callable[..., torch.Tensor]
-
-
-def init_weights(module, seed):
-    """Seeded, non-trivial init: matrices randn/sqrt(fan_in), biases 0, norm weights and RMSNorm scales 1."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            if param.ndim >= 2:
-                fan_in = math.prod(param.shape[1:])
-                param.copy_(torch.randn(param.shape, generator=gen) / math.sqrt(fan_in))
-            elif name.endswith("bias"):
-                param.zero_()
-            else:  # GroupNorm/LayerNorm weight, Flux RMSNorm scale
-                param.fill_(1.0)
 
 
 def _randn(gen_seed, *shape):
