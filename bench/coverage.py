@@ -240,7 +240,7 @@ def cache_counts(logs, label):
     return out
 
 
-NO_BLOCKS = "looks up no ComfyUI 'dit' block replacement"
+NO_BLOCKS = "so its blocks cannot be cached"  # what the cache's log says where blocks cannot be cached, and why
 
 
 def cache_cell(built, logs, label, blocks):
@@ -255,8 +255,9 @@ def cache_cell(built, logs, label, blocks):
                     line)
     if hits and not blocks:
         return Cell("engaged", f"{hits}/{calls} calls", line)
-    if hits and any(NO_BLOCKS in entry for entry in logs.lines):
-        return Cell("whole-call", f"{hits}/{calls} calls", line)
+    reason = next((entry for entry in logs.lines if NO_BLOCKS in entry), None)
+    if hits and reason:
+        return Cell("whole-call", f"{hits}/{calls} calls", f"{reason}\n{line}")
     raise AssertionError(f"{built.family.name}: the cache reused nothing and said nothing: {logs.lines}")
 
 
@@ -320,14 +321,14 @@ OPTIMIZERS = {"GITS": ("StrideScheduleGITS", {"budget": 6, "coeff": 1.15, "metri
 
 # Defects the matrix found in code this matrix does not own, each a known failure until fixed (the tests keep one
 # strict expected-failure check per entry, so a fix shows): label -> (exception type, message start)
-KNOWN_DEFECTS = {"LD3": (RuntimeError, ("Trying to backward through the graph a second time",
-                                        "one of the variables needed for gradient computation has been modified by "
-                                        "an inplace operation"))}
+KNOWN_DEFECTS = {"LD3": (RuntimeError, ("backward", "gradient"))}
 
 
 def known_defect(label, error):
-    kind, starts = KNOWN_DEFECTS.get(label, (None, ()))
-    return kind is not None and isinstance(error, kind) and str(error).startswith(starts)
+    """LD3 differentiates through the model: on ComfyUI networks its backward pass fails (checkpointed blocks
+    that add to their inputs in place; on newer trees, ComfyUI's fused kernels with no autograd formula)."""
+    kind, words = KNOWN_DEFECTS.get(label, (None, ()))
+    return kind is not None and isinstance(error, kind) and any(w in str(error) for w in words)
 
 
 def cell_schedules(built, cache):

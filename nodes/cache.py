@@ -71,6 +71,8 @@ def units_of(model, probe=None):
     recorder = Cache("block discovery", [], discover=True, attention=True, quiet=True)
     probe(recorder.patch(model, "stride_block_discovery"))
     run = recorder.last_run
+    if recorder.broken:
+        logging.warning("Stride block discovery: %s", recorder.broken)
     return [] if run is None else list(run.seen.values()) + list(run.seen_attention.values())
 
 
@@ -176,6 +178,7 @@ class Cache:
         self.dit = None if discover else dit  # the "dit" units answered (None: all the model looks up)
         self.inject = discover or bool(dit)
         self.record_attention, self.quiet = attention, quiet
+        self.broken = None  # why the model's own block wrapper cannot run here (then whole calls only)
         self.runs = PerRun(f"stride {name}", self.new_run, self.log)
         self.local = threading.local()
         self.last_run = None
@@ -220,7 +223,8 @@ class Cache:
         if run.fallback:
             blocks += f"; {run.fallback}"
         if self.inject and run.calls and not run.seen and not run.fallback:
-            blocks += f"; no block was cached: {no_blocks_reason(run.model)}" if run.model is not None else ""
+            blocks += (f"; no block was cached: {self.broken or no_blocks_reason(run.model)}"
+                       if run.model is not None else "")
         estimate = ""
         if run.full_calls and run.seconds:  # labelled: an estimate from the calls that ran in full
             uncached = run.full_seconds / run.full_calls * run.calls
@@ -253,22 +257,35 @@ class Cache:
             run.call_hits += hit
         if hit:
             return x - sigma_b * run.slopes[chunk].to(x)
-        if self.inject:  # this call's "dit" lookups answered by Stride's block replacements
+        plain_options = transformer_options
+        if self.inject and self.broken is None:  # this call's "dit" lookups answered by Stride's replacements
             patches = dict(transformer_options.get("patches_replace", {}))
             patches["dit"] = BlockKeys(patches.get("dit", {}), self, self.dit, run.seen)
             transformer_options = {**transformer_options, "patches_replace": patches}
         outer_call, self.local.call = getattr(self.local, "call", None), call
         try:
             start = time.perf_counter()
-            out = executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+            try:
+                out = executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+            except Exception as error:  # noqa: BLE001 (only the model's own block wrapper failing is handled)
+                if not call.get("wrapper_failed"):
+                    raise
+                self.broken = (f"{type(executor.class_obj).__name__}'s own 'dit' block wrapper fails in this ComfyUI "
+                               f"({type(error).__name__}: {str(error)[:120]}), so its blocks cannot be cached")
+                logging.warning("Stride %s: %s; the call runs without block replacement", self.name, self.broken)
+                with run.lock:
+                    run.seen.clear()
+                    run.stored = {k: v for k, v in run.stored.items() if k[0] != chunk}
+                call["wrapper_failed"] = False
+                out = executor(x, t, c_concat, c_crossattn, control, plain_options, **kwargs)
             elapsed = time.perf_counter() - start
         finally:
             self.local.call = outer_call
-        if self.inject and not run.seen and run.model is None:  # the model looked up no block: say so, once a run
+        if self.inject and not run.seen and run.model is None:  # the model cached no block: say so, once a run
             run.model = executor.class_obj
             fall_back = getattr(run.policy, "fall_back", None)
             if fall_back is not None:
-                run.fallback = fall_back(no_blocks_reason(executor.class_obj))
+                run.fallback = fall_back(self.broken or no_blocks_reason(executor.class_obj))
                 logging.warning("Stride %s: %s", self.name, run.fallback)
         slope = (x - out) / sigma_b
         with run.lock:
@@ -317,7 +334,11 @@ class Cache:
                 return {k: None if v is None else args[k] + v.to(args[k]) for k, v in stored.items()}
             # ComfyUI's blocks add to their inputs in place: keep the inputs to take the residuals
             inputs = {k: v.clone() for k, v in args.items() if torch.is_tensor(v) and k not in ("pe", "vec")}
-            out = extra["original_block"](args)
+            try:
+                out = extra["original_block"](args)
+            except (TypeError, KeyError, AttributeError):  # the model's own wrapper calling its block wrongly
+                call["wrapper_failed"] = True  # (apply_model reruns the call without replacements)
+                raise
             residual = residuals(inputs, out)
             if residual is None:  # a stream that is not its input plus a residual: this block always computes
                 return out
