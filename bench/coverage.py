@@ -150,17 +150,22 @@ def cell_ksampler_names(built, cache):
     import comfy.samplers
     names = [n for n in comfy.samplers.KSAMPLER_NAMES if n.startswith("stride_") and n not in CALIBRATED_NAMES]
     euler = cache.setdefault("euler", ksampler(built))
-    ran, refusals = [], []
+    ran, refusals, bases = [], [], []
     for name in names:
-        try:
-            out = ksampler(built, sampler=name)
-        except ValueError as e:
-            refusals.append(refused(e, built).detail)
-            continue
+        with captured() as logs:
+            try:
+                out = ksampler(built, sampler=name)
+            except ValueError as e:
+                refusals.append(refused(e, built).detail)
+                continue
         if not finite(out) or not different(out, euler):
             raise AssertionError(f"{built.family.name}: {name} ran without effect (finite {finite(out)})")
-        ran.append(name)
-    return Cell("engaged", f"{len(ran)}/{len(names)} samplers" + "".join(f"; {short(r)}" for r in refusals),
+        if any("no calibration fits this run" in line for line in logs.lines):
+            bases.append(name)  # a calibrated name with nothing calibrated: its base solver ran, and it said so
+        else:
+            ran.append(name)
+    notes = [f"{n}: uncalibrated base, said why" for n in bases] + [short(r) for r in refusals]
+    return Cell("engaged", f"{len(ran)}/{len(names)} samplers" + "".join(f"; {n}" for n in notes),
                 ", ".join(ran) + "".join(f"\n{r}" for r in refusals))
 
 
@@ -186,8 +191,8 @@ def cell_sampler_nodes(built, cache):
         if not finite(out) or not different(out, euler8 if steps == 8 else euler):
             raise AssertionError(f"{built.family.name}: {name} ran without effect (finite {finite(out)})")
         ran.append(name)
-    return Cell("engaged", f"{len(ran)}/{len(SAMPLER_NODES)} sampler nodes" + "".join(f"; {short(r)}" for r in refusals),
-                ", ".join(ran) + "".join(f"\n{r}" for r in refusals))
+    notes = "".join(f"; {short(r)}" for r in refusals)
+    return Cell("engaged", f"{len(ran)}/{len(SAMPLER_NODES)} sampler nodes{notes}", ", ".join(ran) + "".join(f"\n{r}" for r in refusals))
 
 
 def skipped_passes(logs):
@@ -473,15 +478,44 @@ def run(names=None, features=None, on_cell=None):
         return {name: run_family(name, features, on_cell) for name in names}
 
 
+def merged_text(cells):
+    """One table cell from {tree: Cell} (trees newest first): the newest tree's text, and in brackets each other
+    tree's where it differs ('not in this ComfyUI' included)."""
+    texts = [(tree, cell.text()) for tree, cell in cells.items()]
+    first = texts[0][1]
+    return first + "".join(f" [{tree}: {text}]" for tree, text in texts[1:] if text != first)
+
+
 def markdown(results, features=None):
+    """The table; results: {family: {feature: Cell}} of one tree, or {tree: that} of several (newest first)."""
     from bench import families
     features = features or list(FEATURES)
+    first = next(iter(results.values()))
+    trees = results if isinstance(next(iter(first.values())), dict) else {"": results}
+    names = [f.name for f in families.FAMILIES if any(f.name in r for r in trees.values())]
     rows = ["| family | model | " + " | ".join(features) + " |", "|---" * (len(features) + 2) + "|"]
-    for name, cells in results.items():
+    for name in names:
         family = families.BY_NAME[name]
-        model = f"{family.config}: {family.note}"
-        rows.append(f"| {name} | {model} | " + " | ".join(cells[f].text() for f in features) + " |")
+        cells = [merged_text({t: r[name][f] for t, r in trees.items() if name in r and f in r[name]})
+                 for f in features]
+        rows.append(f"| {name} | {family.config}: {family.note} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def cell_texts(table_cell):
+    """{tree: status text} of a table cell ('' = the newest tree's, the text outside brackets)."""
+    head, *others = table_cell.split(" [")
+    out = {"": head.strip()}
+    for other in others:
+        tree, _, text = other.rstrip("]").partition(": ")
+        out[tree] = text.strip()
+    return out
+
+
+def load(path):
+    with open(path) as f:
+        data = json.load(f)
+    return {name: {feature: Cell(**cell) for feature, cell in cells.items()} for name, cells in data.items()}
 
 
 def main(argv=None):
@@ -490,7 +524,18 @@ def main(argv=None):
     parser.add_argument("--json", help="write the cells as JSON here")
     parser.add_argument("--markdown", help="write the table here (docs/coverage.md)")
     parser.add_argument("--families", help="comma-separated family names (default: all)")
+    parser.add_argument("--merge", nargs="+", metavar="TREE=JSON",
+                        help="no run: print the table of these --json outputs, one per ComfyUI tree, newest first "
+                             "(e.g. 0.33.0=new.json 0.3.75=old.json)")
     args = parser.parse_args(argv)
+    if args.merge:
+        trees = {pair.split("=", 1)[0]: load(pair.split("=", 1)[1]) for pair in args.merge}
+        table = markdown(trees)
+        print(table)
+        if args.markdown:
+            with open(args.markdown, "w") as f:
+                f.write(HEADER + table + "\n")
+        return
     names = [n.strip() for n in args.families.split(",")] if args.families else None
     results = run(names, on_cell=lambda n, f, c, s: print(f"{n:18s} {f:40s} {s:5.1f}s {c.text()}",
                                                           file=sys.stderr))
@@ -501,7 +546,19 @@ def main(argv=None):
             json.dump({n: {k: c._asdict() for k, c in cells.items()} for n, cells in results.items()}, f, indent=1)
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write(table + "\n")
+            f.write(HEADER + table + "\n")
+
+
+HEADER = """# Stride on every model family ComfyUI ships
+
+Printed by `python -m bench.coverage` (tiny random-weight models built through `comfy.supported_models`, 4 steps,
+batch 1, on CPU; see bench/families.py and bench/coverage.py). A cell says what the feature did on that family:
+*engaged* with what was measured (block evaluations or model calls answered from a cache, unconditional passes
+skipped, calls made by the small model, fitted schedules and solvers used), *whole calls* where a block cache found no
+block to replace (the log says why) and cached whole model calls, *refused* with Stride's error saying why. Where
+the older ComfyUI tree differs, its result follows in brackets. tests/test_coverage.py checks each cell on each tree.
+
+"""
 
 
 if __name__ == "__main__":

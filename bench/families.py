@@ -14,7 +14,6 @@ models. A family this ComfyUI lacks, or one that cannot run on this machine, is 
 `positive(batch=1)` / `negative(batch=1)` CONDITIONING; `latent(batch=1)` an empty latent of the family's shape.
 `depth` counts the blocks of each stack (T-Stitch pairs a depth-2 large with a depth-1 small model of one family).
 """
-import dataclasses
 import functools
 import importlib
 import math

@@ -22,7 +22,8 @@ from comfy_api.latest import io
 from ..samplers.cache import Plan, RateMeter, ReuseTest, fit_plan
 from ..samplers.core import check_sigmas
 from . import calibration_store as store
-from .cache import AdaptivePolicy, Cache, PlanPolicy, is_unet, no_blocks_reason, units_named, units_of
+from .cache import (AdaptivePolicy, Cache, PlanPolicy, family_name, is_unet, no_blocks_reason, units_named,
+                    units_of)
 from .compat import EXPERT
 from .calibration import conditioning_digest
 from .guidance import progress
@@ -160,7 +161,7 @@ def step_cache(model, threshold, start, end, max_hits, indicator):
     blocks = indicator == "first block residual"
     if blocks and is_unet(model):
         raise ValueError(f"Stride step cache: 'first block residual' needs a DiT whose blocks ComfyUI lets a node "
-                         f"replace ('dit' block replacements); {type(model.model).__name__} is a UNet (no whole-block "
+                         f"replace ('dit' block replacements); {family_name(model.model)} is a UNet (no whole-block "
                          "replacement); use 'input change' for this model")
     test = ReuseTest(threshold, start, end, max_hits, accumulate=not blocks)
     # first block residual: the blocks are the ones the model looks up in each call (a model that looks up none

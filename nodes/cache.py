@@ -95,9 +95,15 @@ def units_named(model, names):
     return out
 
 
+def family_name(base):
+    """How logs and refusals name a model's family: its ComfyUI supported_models class (SD15, Flux, WAN21_T2V...),
+    else its model class."""
+    return type(getattr(base, "model_config", None) or base).__name__
+
+
 def no_blocks_reason(base):
     """Why a model (ComfyUI's BaseModel) has no block units: said in the log and in refusals."""
-    return (f"{type(base).__name__} looks up no ComfyUI 'dit' block replacement (patches_replace[\"dit\"]), "
+    return (f"{family_name(base)} looks up no ComfyUI 'dit' block replacement (patches_replace[\"dit\"]), "
             "so its blocks cannot be cached")
 
 
@@ -270,7 +276,7 @@ class Cache:
             except Exception as error:  # noqa: BLE001 (only the model's own block wrapper failing is handled)
                 if not call.get("wrapper_failed"):
                     raise
-                self.broken = (f"{type(executor.class_obj).__name__}'s own 'dit' block wrapper fails in this ComfyUI "
+                self.broken = (f"{family_name(executor.class_obj)}'s own 'dit' block wrapper fails in this ComfyUI "
                                f"({type(error).__name__}: {str(error)[:120]}), so its blocks cannot be cached")
                 logging.warning("Stride %s: %s; the call runs without block replacement", self.name, self.broken)
                 with run.lock:

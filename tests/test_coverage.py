@@ -122,10 +122,8 @@ def test_readme_shows_the_measured_table():
     assert table_of(section) == table_of(docs)
     table = table_of(docs)
     assert set(table) == {f.name for f in families.FAMILIES}
-    checked = 0
+    import comfyui_version  # only to pick this tree's entry of a cell where the trees differ
     for (name, feature), cell in _results.items():
-        text = table[name][feature]
-        status = text.split(":")[0]
-        assert status == cell.text().split(":")[0], (name, feature, text, cell)
-        checked += 1
-    assert checked or not _results
+        texts = coverage.cell_texts(table[name][feature])
+        text = texts.get(comfyui_version.__version__, texts[""])
+        assert text.split(":")[0] == cell.text().split(":")[0], (name, feature, text, cell)
