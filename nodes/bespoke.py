@@ -12,8 +12,8 @@ from ..samplers import bespoke
 from . import calibrated
 from .calibration import autograd_weights
 
-TEACHER_POINTS = 32  # the teacher: Stride's UniPC-3 on this many sigmas from the schedule's start to sigma_min,
-TEACHER_REFINE = 3   # each interval cut in this many steps
+TEACHER_POINTS = 24  # the teacher: Stride's UniPC-3 on this many sigmas from the schedule's start to sigma_min,
+TEACHER_REFINE = 2   # each interval cut in this many steps
 
 
 def fit_bespoke(ctx, sigmas, options):

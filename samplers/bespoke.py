@@ -16,11 +16,13 @@ t_i against the teacher at t_{i+1}, and M_i the product of the later steps' Lips
 fine solve (Stride's UniPC-3) interpolated by cubic Hermite polynomials (states and slopes), so the learned times
 can move freely and every step is evaluated in parallel, with gradients through the denoiser.
 """
+import functools
 import json
 import math
 from dataclasses import dataclass
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from .core import bcast, ode_slope
 from .schedules.common import log_grid, mse, teacher_trajectory
@@ -51,7 +53,7 @@ class Bespoke:
     def identity(cls, base, sigmas):
         if base not in BASES:
             raise ValueError(f"Stride Bespoke: unknown base {base!r}; choose from {sorted(BASES)}")
-        sigmas = torch.as_tensor(sigmas, dtype=torch.float64).cpu()
+        sigmas = torch.as_tensor(sigmas, dtype=torch.float64).detach().cpu().clone()  # not an inference tensor
         if len(sigmas) < 2 or float(sigmas[-1]) != 0.0 or not bool((sigmas[1:] < sigmas[:-1]).all()):
             raise ValueError("Stride Bespoke: the base schedule must decrease strictly and end in 0, got "
                              f"{sigmas.tolist()}")
@@ -204,7 +206,7 @@ class Teacher:
     interpolation in sigma of its states and slopes; below the floor, the straight line to the output (the final
     denoise is the pack's reference convention)."""
 
-    def __init__(self, denoiser, x, sigma_start, sigma_floor, flow, points=32, refine=3):
+    def __init__(self, denoiser, x, sigma_start, sigma_floor, flow, points=24, refine=2):
         self.grid = log_grid(float(sigma_start), float(sigma_floor), points, flow)
         xs, ds = teacher_trajectory(denoiser, x, self.grid, flow, refine)
         self.xs, self.output = xs[:-1].detach(), xs[-1].detach()
@@ -261,17 +263,25 @@ def rmse_bound(solver, denoiser, teacher, lip=0.0):
         v_m = ode_slope(x_m, denoiser(x_m, per(t[m])), per(t[m]))
         head = _rk2(xs[: (n - 1) * b], x_m, v_m, per(s[a[:-1]]), per(s[m]), per(s[m + 1]), per(chi[m]), per(c[m]))
         pred = torch.cat([head, rk1[(n - 1) * b:]])
-    d = (pred - flat(x1)).reshape(n, b, -1).pow(2).mean(-1).sqrt()          # [N, B]
+    # [N, B]; the epsilon keeps the gradient finite where a step is exact (the last Euler step from the teacher's
+    # floor is its final denoise)
+    d = ((pred - flat(x1)).reshape(n, b, -1).pow(2).mean(-1) + 1e-24).sqrt()
     lips = solver.lipschitz(lip)
     later = torch.cat([torch.flip(torch.cumprod(torch.flip(lips[1:], [0]), 0), [0]), lips.new_ones(1)])  # M_i
     return (later[:, None] * d).sum(0)
 
 
-def fit(denoiser, teacher, sigmas, base="rk2", iterations=200, lr=0.03, lip=0.0, init=None, progress=None):
+def fit(denoiser, teacher, sigmas, base="rk2", iterations=200, lr=0.03, lip=0.0, init=None, progress=None,
+        checkpointed=True):
     """Fit a Bespoke solver on the teacher's noises by Adam on the RMSE bound; returns (the solver with the lowest
     bound met, its bound, the identity's bound). progress(i) is called after each iteration (and may raise to
-    stop). denoiser(x, sigma [B]) is differentiable (gradients flow through it)."""
+    stop). denoiser(x, sigma [B]) is differentiable (gradients flow through it); checkpointed=False saves the
+    recomputation where the denoiser is cheap and autograd-safe."""
     solver = (init or Bespoke.identity(base, sigmas)).detached()
+    # each model call gradient-checkpointed (as LD3): its activations are recomputed in the backward pass, which
+    # also keeps networks that add in place into saved tensors (ComfyUI's Flux blocks) differentiable
+    if checkpointed:
+        denoiser = functools.partial(checkpoint, denoiser, use_reentrant=False)
     params = [p.requires_grad_(True) for p in solver.parameters() if p.numel()]
     opt = torch.optim.Adam(params, lr=lr)
     best, start = None, None
@@ -312,19 +322,22 @@ def split(samples):
     return torch.arange(k), torch.arange(k, samples)
 
 
-def calibrate(denoiser, x, sigmas, sigma_min, flow, base="rk2", iterations=200, lr=0.03, lip=0.0, points=32,
-              refine=3, progress=None):
+def calibrate(denoiser, x, sigmas, sigma_min, flow, base="rk2", iterations=200, lr=0.03, lip=0.0, points=24,
+              refine=2, progress=None, stacked=False,
+              checkpointed=True):
     """The whole Bespoke calibration: the teacher on every noise, the fit on the first half of the batch, and the
     judgement on the held-out rest. Returns (solver, report); raises ValueError, refusing the fit, when it is not
     better than its base on the held-out noises. report: errors (MSE against the teacher's output) on the fit and
-    held-out noises, for the fitted solver and its base, and the bounds. denoiser(x, sigma [rows]) takes the batch and
-    any stack of copies of its fit rows (the first half), row r of a stack conditioned as row r of the batch."""
+    held-out noises, for the fitted solver and its base, and the bounds. denoiser(x, sigma [rows]) takes the batch, and its first k rows
+    (the fit half) alone: a conditioned model conditions those as the batch's first k rows; stacked=True: it also
+    takes any stack of copies of them, conditioned alike (then each fit iteration makes one call per stage)."""
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64).cpu()
     floor = min(float(sigma_min), float(sigmas[-2]))
     teacher = Teacher(denoiser, x, float(sigmas[0]), floor, flow, points, refine)
     fit_rows, held_rows = split(x.shape[0])
-    solver, bound, start = fit(denoiser, teacher.rows(fit_rows), sigmas, base, iterations, lr, lip,
-                               progress=progress)
+    fit_denoiser = denoiser if stacked else _in_calls_of(denoiser, len(fit_rows))
+    solver, bound, start = fit(fit_denoiser, teacher.rows(fit_rows), sigmas, base, iterations, lr, lip,
+                               progress=progress, checkpointed=checkpointed)
     base_solver = Bespoke.identity(base, sigmas)
     errs = {name: error(denoiser, sv, x.detach(), teacher.output) for name, sv in (("fitted", solver),
                                                                                   ("base", base_solver))}
@@ -352,3 +365,12 @@ def check_held_out(report):
                          f"held-out calibration noises (error {got:.4g} vs {want:.4g} for the base); it was refused and "
                          "nothing was stored. Try more iterations or samples, the other base, or another schedule", report)
 
+
+
+def _in_calls_of(denoiser, k):
+    """The denoiser of a stack of copies of a k-row sub-batch, called on k rows at a time (a guided model conditions
+    the rows of each call as the first rows of its calibration batch)."""
+    def run(x, sigma, **kwargs):
+        sigma = torch.as_tensor(sigma).to(x.device).expand(x.shape[0])
+        return torch.cat([denoiser(xc, sc, **kwargs) for xc, sc in zip(x.split(k), sigma.split(k))])
+    return run
