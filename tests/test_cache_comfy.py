@@ -135,3 +135,41 @@ def test_first_block_cache(node_class, caplog):
     with pytest.raises(ValueError, match="needs a DiT whose blocks .* is a UNet"):
         node_class("StrideStepCache").execute(model=demo(node_class, "unet_small")[0], threshold=0.1, start=0.0,
                                               end=1.0, max_hits=1, indicator="first block residual")
+
+
+def test_a_family_whose_own_block_wrapper_fails_is_cached_by_whole_calls(stride, caplog):
+    """A model whose own "dit" block wrapper cannot call its block (ComfyUI 0.33.0's Kandinsky5 passes x= to a block
+    that takes visual_embed): the call reruns without Stride's block replacement, later calls are not replaced, and
+    the first-block cache falls back to whole calls with the cause in the log."""
+    from bench import families
+    cache_mod, samplers_cache = stride("nodes.cache"), stride("samplers.cache")
+    base = families.build("Flux dev").model.model
+    seen = []
+
+    class Executor:  # a model call as ComfyUI's apply_model makes it, with a wrapper that calls its block wrongly
+        class_obj = base
+
+        def __call__(self, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+            blocks = transformer_options.get("patches_replace", {}).get("dit", {})
+            seen.append(("double_block", 0) in blocks)
+            if seen[-1]:
+                def wrapper(args):
+                    raise TypeError("forward() got an unexpected keyword argument 'x'")
+                return blocks[("double_block", 0)]({"x": x}, {"original_block": wrapper})["x"]
+            return x * 0.5
+
+    policy = cache_mod.AdaptivePolicy(samplers_cache.ReuseTest(5.0, 0.0, 1.0, 1, accumulate=False), "first_block")
+    cache = cache_mod.Cache("step cache", [], policy, discover=True)
+    run = cache.new_run({})
+    options = {cache.runs.key: run, "cond_or_uncond": [0], "uuids": ["a"]}
+    x, t = torch.ones(1, 16, 4, 4), torch.tensor([0.5])
+    with caplog.at_level(logging.WARNING):
+        outs = [cache.apply_model(Executor(), x, t, transformer_options=options) for _ in range(3)]
+    # the failed call reran unreplaced, the second call was not replaced, the third answered whole (input unchanged)
+    assert seen == [True, False, False]
+    assert all(torch.allclose(out, x * 0.5) for out in outs)
+    assert cache.broken.startswith("Flux's own")
+    assert "own 'dit' block wrapper fails" in cache.broken and "TypeError" in cache.broken
+    assert "whole calls are cached instead" in run.fallback and run.policy.indicator == "input"
+    assert run.call_hits == 1
+    assert any("runs without block replacement" in r.getMessage() for r in caplog.records)

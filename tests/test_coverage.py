@@ -8,7 +8,8 @@ Stride), whole-call caching with a logged reason on the other DiTs, attention un
 "Supported model families" table is docs/coverage.md, which says what this matrix measures.
 
 The calibrating features (schedule optimizers, calibrated solvers) run on one family per parameterization and latent
-form (QUICK_CALIBRATED) to keep CI small; `python -m bench.coverage` runs them on every family.
+form (QUICK_CALIBRATED) to keep CI small, as `python -m bench.coverage --quick` does; without --quick it runs
+them on every family.
 """
 import inspect
 import os
@@ -19,8 +20,7 @@ import torch
 
 from bench import coverage, families
 
-QUICK_CALIBRATED = ("SD1.5", "Flux dev", "WAN 2.1 T2V")  # EPS UNet; flow DiT; 5-D video flow DiT
-CALIBRATING = ("schedule optimizers", "calibrated solvers")
+QUICK_CALIBRATED, CALIBRATING = coverage.QUICK_CALIBRATED, coverage.CALIBRATING  # what --quick runs
 CORE = [f for f in coverage.FEATURES if f not in CALIBRATING]
 CELLS = [(name, f) for name in (fam.name for fam in families.FAMILIES) for f in CORE] + \
     [(name, f) for name in QUICK_CALIBRATED for f in CALIBRATING]
