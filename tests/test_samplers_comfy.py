@@ -28,11 +28,41 @@ NODE_OPTIONS = {  # every SAMPLER node, with non-default options where they chan
     "StrideSamplerMixedSDE": {"eta": 0.5, "window_start": 0.25, "window_end": 0.5},
 }
 # Error vs x_ref (per image, in data std) of a 10-step run. For scale: the zero latent is 1.5 off, another sample of
-# the same digit 0.8-1.5, the other digit 1.3-1.6; the Stride ODE samplers measure 0.03-0.17.
+# the same digit 0.8-1.5, the other digit 1.3-1.6; Euler measures 0.12 (EPS) / 0.16 (flow). BOUND is only the
+# sanity bound of the routing tests; the per-method bounds below tell each sampler from Euler.
 BOUND = 0.3
+# Per stride_* name, (EPS, flow): its error at 10 steps must stay below this fraction of Euler's in the same run
+# (measured error + 0.002, over Euler's; the SDE + 0.02). Measured: e.g. stride_unipc_bh2 0.049 / 0.053, stride_ghvb
+# 0.029 / 0.098, Euler 0.122 / 0.156. Near 1 means the method barely beats Euler there (DualFast on 2M, EPS).
+# stride_mixed_sde's SDE steps draw fresh noise: one more draw from the guided distribution, not an approximation
+# of the ODE solution x_ref, so its fraction exceeds 1.
+EULER_FRACTION = {
+    "stride_dpmpp_2m": (0.63, 0.71), "stride_dpmpp_3m": (0.6, 0.76), "stride_unipc": (0.5, 0.68),
+    "stride_unipc_bh2": (0.43, 0.36), "stride_ddim_dualfast": (0.67, 0.83), "stride_dpmpp_2m_dualfast": (0.98, 0.56),
+    "stride_unipc_dualfast": (0.68, 0.25), "stride_dpmpp_2m_hb": (0.38, 0.86), "stride_plms_hb": (0.57, 0.83),
+    "stride_ghvb": (0.26, 0.64), "stride_dpmpp_2m_ts": (0.83, 0.72), "stride_flowturbo": (0.62, 0.29),
+    "stride_mixed_sde": (1.83, 2.48)}
 # stride_mixed_sde: its SDE steps draw fresh noise from the seed, so its sample is one more draw from the guided
 # distribution, near x_ref but not an approximation of the ODE solution x_ref itself (it measures 0.15-0.37).
 SDE_BOUND = 0.8
+
+
+# The method each stride_* name must be told from (besides Euler): its base solver, or for a base solver the next
+# lower-order one.
+NAME_BASES = {"stride_dpmpp_2m": "ddim", "stride_dpmpp_3m": "stride_dpmpp_2m", "stride_unipc": "stride_dpmpp_2m",
+              "stride_unipc_bh2": "stride_unipc", "stride_ddim_dualfast": "ddim",
+              "stride_dpmpp_2m_dualfast": "stride_dpmpp_2m", "stride_unipc_dualfast": "stride_unipc_bh2",
+              "stride_dpmpp_2m_hb": "stride_dpmpp_2m", "stride_plms_hb": "ipndm", "stride_ghvb": "ipndm",
+              "stride_dpmpp_2m_ts": "stride_dpmpp_2m", "stride_flowturbo": "heun", "stride_mixed_sde": "euler"}
+
+
+# The same per SAMPLER node with NODE_OPTIONS (measured the same way). TimeShift on DPM-Solver++ 3M is worse than
+# Euler at 10 steps on the EPS oracle (0.136 vs 0.122).
+NODE_EULER_FRACTION = {
+    "StrideSamplerDPMPP": (0.6, 0.82), "StrideSamplerUniPC": (0.38, 0.35), "StrideSamplerDualFast": (0.68, 0.25),
+    "StrideSamplerHeavyBall": (0.57, 0.83), "StrideSamplerGHVB": (0.43, 0.46), "StrideSamplerTimeShift": (1.14, 0.76),
+    "StrideSamplerFlowTurbo": (0.56, 0.29), "StrideSamplerMixedSDE": (1.9, 1.5)}  # SDE: ComfyUI 0.33's noise
+# sampler draws other noise than 0.3.75's (measured 0.15 / 0.14 on 0.3.75, 0.21 / 0.20 on 0.33)
 
 
 @pytest.fixture(scope="module")
@@ -155,19 +185,77 @@ def name_cases():
 
 @pytest.mark.parametrize("name,model", list(name_cases()))
 def test_every_stride_name_runs_in_ksampler(run_prompt, reference, mixture, name, model):
-    prompt = capture({**base_prompt(model), "ks": ksampler(model, name)}, out=("ks", 0))
-    x = run_prompt(prompt)[1]["out"]
-    check_sample(x, reference(model), mixture, SDE_BOUND if name == "stride_mixed_sde" else BOUND)
+    prompt = capture({**base_prompt(model), "ks": ksampler(model, name), "eu": ksampler(model, "euler"),
+                      "base": ksampler(model, NAME_BASES[name])}, out=("ks", 0), euler=("eu", 0), base=("base", 0))
+    got = run_prompt(prompt)[1]
+    x, x_ref = got["out"], reference(model)
+    assert x.shape == (len(LABELS), 4, 8, 8) and torch.isfinite(x).all()
+    euler = err(got["euler"], x_ref, mixture)
+    assert err(x, x_ref, mixture) < EULER_FRACTION[name][MODELS.index(model)] * euler
+    assert rel(x, got["base"]) > 5e-3 and rel(x, got["euler"]) > 5e-3  # told from its base and from Euler
 
 
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("node", list(NODE_OPTIONS))
 def test_every_sampler_node_runs_in_sampler_custom_advanced(node_class, run_prompt, reference, mixture, node, model):
-    prompt = {**base_prompt(model), "s": sampler_node(node_class, node, **NODE_OPTIONS[node]), "sca": custom(("s", 0))}
-    captured = run_prompt(capture(prompt, out=("sca", 0), denoised=("sca", 1)))[1]
+    prompt = {**base_prompt(model), "s": sampler_node(node_class, node, **NODE_OPTIONS[node]), "sca": custom(("s", 0)),
+              "sel": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}, "eu": custom(("sel", 0))}
+    captured = run_prompt(capture(prompt, out=("sca", 0), denoised=("sca", 1), euler=("eu", 0)))[1]
     bound = SDE_BOUND if node == "StrideSamplerMixedSDE" else BOUND
-    check_sample(captured["out"], reference(model), mixture, bound)
-    check_sample(captured["denoised"], reference(model), mixture, bound)  # the last model prediction
+    x_ref = reference(model)
+    check_sample(captured["out"], x_ref, mixture, bound)
+    check_sample(captured["denoised"], x_ref, mixture, bound)  # the last model prediction
+    euler = err(captured["euler"], x_ref, mixture)
+    assert err(captured["out"], x_ref, mixture) < NODE_EULER_FRACTION[node][MODELS.index(model)] * euler
+    assert rel(captured["out"], captured["euler"]) > 5e-3
+
+
+# Every option of every SAMPLER node, set away from its default (on the model where it acts: the half-log-SNR
+# choice only matters on flow models; plms_order only with the plms base).
+OPTION_CASES = [
+    ("StrideSamplerDPMPP", {}, "order", 3, "oracle_eps"),
+    ("StrideSamplerDPMPP", {}, "half_log_snr", "ve", "oracle_flow"),
+    ("StrideSamplerUniPC", {}, "order", 2, "oracle_eps"), ("StrideSamplerUniPC", {}, "variant", "bh2", "oracle_eps"),
+    ("StrideSamplerUniPC", {}, "corrector", False, "oracle_eps"),
+    ("StrideSamplerUniPC", {}, "lower_order_final", False, "oracle_eps"),
+    ("StrideSamplerUniPC", {}, "half_log_snr", "ve", "oracle_flow"),
+    ("StrideSamplerDualFast", {}, "base", "unipc_bh2", "oracle_eps"),
+    ("StrideSamplerDualFast", {}, "strength", 1.0, "oracle_eps"),
+    ("StrideSamplerDualFast", {}, "reference", "first", "oracle_eps"),
+    ("StrideSamplerHeavyBall", {}, "base", "plms", "oracle_eps"),
+    ("StrideSamplerHeavyBall", {}, "beta", 0.5, "oracle_eps"),
+    ("StrideSamplerHeavyBall", {"base": "plms"}, "plms_order", 2, "oracle_eps"),
+    ("StrideSamplerGHVB", {}, "order", 3.5, "oracle_eps"),
+    ("StrideSamplerTimeShift", {}, "base", "dpmpp_3m", "oracle_eps"),
+    ("StrideSamplerTimeShift", {}, "window", 0.6, "oracle_eps"),
+    ("StrideSamplerTimeShift", {}, "cutoff", 0.3, "oracle_eps"),
+    ("StrideSamplerFlowTurbo", {}, "heun_steps", 5, "oracle_flow"),
+    ("StrideSamplerMixedSDE", {}, "eta", 0.3, "oracle_eps"),
+    ("StrideSamplerMixedSDE", {}, "window_start", 0.1, "oracle_eps"),
+    ("StrideSamplerMixedSDE", {}, "window_end", 0.6, "oracle_eps")]
+
+
+def test_every_sampler_node_option_changes_the_output(node_class):
+    covered = {(node, option) for node, _, option, _, _ in OPTION_CASES}
+    for node in NODE_OPTIONS:
+        assert {(node, k) for k in node_class(node).INPUT_TYPES()["required"]} <= covered, node
+    demos = {}
+    for node, base, option, value, model in OPTION_CASES:
+        if model not in demos:
+            with torch.inference_mode():
+                demos[model] = node_class("StrideDemoModel").execute(model, DIGITS, 1, 1.0, False).result
+        m, pos, neg, latent = demos[model]
+        sigmas = comfy.samplers.calculate_sigmas(m.get_model_object("model_sampling"), SCHEDULER[model], STEPS)
+        defaults = {k: v[1]["default"] for k, v in node_class(node).INPUT_TYPES()["required"].items()}
+        run = lambda options: direct(m, pos, neg, latent, node_class(node).execute(**options).result[0], sigmas)
+        assert rel(run({**defaults, **base, option: value}), run({**defaults, **base})) > 1e-3, (node, option)
+
+
+def direct(model, pos, neg, latent, sampler, sigmas):
+    noise = comfy.sample.prepare_noise(latent["samples"], SEED)
+    with torch.inference_mode():
+        return comfy.sample.sample_custom(model, noise, CFG, sampler, sigmas, pos, neg, latent["samples"], seed=SEED,
+                                          disable_pbar=True)
 
 
 # --- parity with ComfyUI's own samplers, through the real sampling path (float32) ------------------------------------
