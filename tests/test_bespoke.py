@@ -226,3 +226,23 @@ def stride_info(folder):
     (path,) = folder.glob("bespoke-*.safetensors")
     with safe_open(str(path), framework="pt") as f:
         return json.loads(f.metadata()["stride"])["info"]
+
+
+def test_calibration_is_interruptible_during_the_fit(stride, node_class, calibration_store, monkeypatch):
+    import comfy.model_management as mm
+    module = stride("samplers.bespoke")
+    original, calls = module.rmse_bound, []
+
+    def interrupting(*args, **kwargs):  # the user presses Cancel at the third iteration
+        calls.append(1)
+        if len(calls) == 3:
+            mm.interrupt_current_processing(True)
+        return original(*args, **kwargs)
+    monkeypatch.setattr(module, "rmse_bound", interrupting)
+    model, pos, neg, latent = demo(node_class, "oracle_flow")
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            calibrate(node_class, model, pos, neg, latent, "simple", 3, iterations=50, samples=4)
+    finally:
+        mm.interrupt_current_processing(False)
+    assert len(calls) == 3 and not list(calibration_store.glob("*.safetensors"))
