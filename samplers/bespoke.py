@@ -35,6 +35,14 @@ def _nfe(base, steps):
     return steps if base == "rk1" else 2 * steps - 1
 
 
+def steps_for_nfe(base, nfe):
+    """The most steps a solver of this base takes within `nfe` model evaluations per image (rk2: 2 per step, 1 on
+    the last)."""
+    if base not in BASES:
+        raise ValueError(f"Stride Bespoke: unknown base {base!r}; choose from {sorted(BASES)}")
+    return max(1, nfe if base == "rk1" else (nfe + 1) // 2)
+
+
 @dataclass
 class Bespoke:
     """A Bespoke solver: its base ('rk1' | 'rk2'), the base schedule (N steps ending in 0) and the free
@@ -324,16 +332,21 @@ def split(samples):
 
 def calibrate(denoiser, x, sigmas, sigma_min, flow, base="rk2", iterations=200, lr=0.03, lip=0.0, points=24,
               refine=2, progress=None, stacked=False,
-              checkpointed=True):
+              checkpointed=True, teacher=None):
     """The whole Bespoke calibration: the teacher on every noise, the fit on the first half of the batch, and the
     judgement on the held-out rest. Returns (solver, report); raises ValueError, refusing the fit, when it is not
     better than its base on the held-out noises. report: errors (MSE against the teacher's output) on the fit and
     held-out noises, for the fitted solver and its base, and the bounds. denoiser(x, sigma [rows]) takes the batch, and its first k rows
     (the fit half) alone: a conditioned model conditions those as the batch's first k rows; stacked=True: it also
-    takes any stack of copies of them, conditioned alike (then each fit iteration makes one call per stage)."""
+    takes any stack of copies of them, conditioned alike (then each fit iteration makes one call per stage).
+    teacher: a Teacher of these noises to reuse (several schedules from the same first sigma share one)."""
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64).cpu()
     floor = min(float(sigma_min), float(sigmas[-2]))
-    teacher = Teacher(denoiser, x, float(sigmas[0]), floor, flow, points, refine)
+    if teacher is None:
+        teacher = Teacher(denoiser, x, float(sigmas[0]), floor, flow, points, refine)
+    elif float(teacher.grid[0]) != float(sigmas[0]) or float(teacher.grid[-1]) > floor:
+        raise ValueError("Stride Bespoke: the teacher given does not span this schedule (it must start at its first "
+                         "sigma and reach its floor)")
     fit_rows, held_rows = split(x.shape[0])
     fit_denoiser = denoiser if stacked else _in_calls_of(denoiser, len(fit_rows))
     solver, bound, start = fit(fit_denoiser, teacher.rows(fit_rows), sigmas, base, iterations, lr, lip,

@@ -66,6 +66,8 @@ def test_teacher_reads_its_grid_exactly_and_is_differentiable(m):
     here = teacher.at(t.detach())[0]
     want = (m.bespoke.ode_slope(here, d(here, 3.0), 3.0) * probe).sum()
     assert float(slope) == pytest.approx(float(want), rel=1e-2)
+    with pytest.raises(ValueError, match="does not span this schedule"):  # a teacher to share must fit the schedule
+        m.bespoke.calibrate(d, x, schedule(m, False, 4)[1:], RANGES[False][0], False, teacher=teacher)
 
 
 def perturbed(m, base, sigmas, seed=0):
@@ -84,6 +86,9 @@ def test_text_round_trip(m, base):
     run = lambda s: m.bespoke.sample_bespoke(d, x.clone(), sigmas, solver=s)
     assert torch.equal(run(again), run(solver))
     assert solver.nfe == (4 if base == "rk1" else 7) and len(solver.times()) == solver.nfe + 1
+    for nfe in (4, 5, 8):  # the most steps within an NFE budget
+        steps = m.bespoke.steps_for_nfe(base, nfe)
+        assert m.bespoke.Bespoke.identity(base, schedule(m, True, steps)).nfe in (nfe - 1, nfe)
     data = json.loads(solver.to_text())
     data["dt"] = data["dt"][:-1]
     with pytest.raises(ValueError, match="parameter dt has"):
