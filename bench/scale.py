@@ -182,10 +182,12 @@ def cached_bytes(model):
 
 def overheads(bench, call, repeats, real_repeats, log):
     """Rows: ms per step over ComfyUI's euler, and percent of one model call."""
-    skipped = forward_skipped(bench.model)
+    skipped, counter = host.stride("nodes.counting").count_model_calls(forward_skipped(bench.model))
+    counter.reset()
     rows = [{"model": bench.label, "what": "ComfyUI euler (the baseline: its whole sampling path)", "kind": "sampler",
              "ms_per_step": 1e3 * min(bench.run(skipped) for _ in range(repeats)) / bench.steps,
-             "percent_of_call": None}]
+             "percent_of_call": None, "calls": counter.cond // repeats}]
+    base_calls = rows[0]["calls"]
     guidance = [("Stride CFG schedule (constant)", node("StrideCFGSchedule").execute(
         skipped, "constant", 0.2, 0.8, 1.0, "", "progress").result[0])]
     if bench.cfg > 1:
@@ -193,10 +195,12 @@ def overheads(bench, call, repeats, real_repeats, log):
     runs = [(name, "sampler", skipped, name) for name in ["dpmpp_2m"] + SAMPLERS]
     runs += [(label, "guidance", model, "euler") for label, model in guidance]
     for what, kind, model, sampler in runs:
+        counter.reset()
         base, seconds = bench.paired(skipped, model, repeats, sampler)
         over = (seconds - base) / bench.steps
         rows.append({"model": bench.label, "what": what if kind == "guidance" else f"sampler {what}", "kind": kind,
-                     "ms_per_step": 1e3 * over, "percent_of_call": 100 * over / call})
+                     "ms_per_step": 1e3 * over, "percent_of_call": 100 * over / call,
+                     "calls": counter.cond // repeats - 2 * base_calls})  # the pair ran euler too
         log(f"  {bench.label}: {rows[-1]['what']}: {1e3 * over:+.2f} ms/step ({rows[-1]['percent_of_call']:+.2f}%)")
     caches = [("Stride step cache (input change), nothing reused",
                node("StrideStepCache").execute(bench.model, 0.0, 0.0, 1.0, 1, "input change").result[0])]
@@ -254,6 +258,14 @@ def measure(mode, log=print):
     return result
 
 
+def calls(row):
+    """Model calls of the run: euler's count, others as the difference from it."""
+    if row.get("calls") is None:
+        return "same as uncached"
+    return str(row["calls"]) if row["kind"] == "sampler" and row["what"].startswith("ComfyUI euler") \
+        else f"{row['calls']:+d}"
+
+
 def fmt(value, spec):
     return "n/a" if value is None else format(value, spec)
 
@@ -263,9 +275,13 @@ def report(result):
     lines += [f"| {m['model']} | {m['size']} | {m['params'] / 1e6:.1f} M | {m['call_ms']:.0f} | {m['steps']} | "
               f"{m['device']} |" for m in result["models"]]
     lines += ["", "## Overhead per step (over ComfyUI's euler on the same model)\n",
-              "| model | what | ms per step | % of one model call | cached bytes per image |", "|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['what']} | {fmt(r['ms_per_step'], '+.2f')} | {fmt(r['percent_of_call'], '+.2f')} | "
-              f"{r.get('cached_bytes_per_image', '')} |" for r in result["overhead"]]
+              "| model | what | model calls a run | ms per step | % of one model call | cached bytes per image |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['what']} | {calls(r)} | {fmt(r['ms_per_step'], '+.2f')} | "
+              f"{fmt(r['percent_of_call'], '+.2f')} | {r.get('cached_bytes_per_image', '')} |" for r in result["overhead"]]
+    lines += ["", "Samplers and guidance ran with the network's forward skipped: their rows are the sampling path's own "
+              "cost. A sampler that makes more model calls than euler (FlowTurbo's Heun steps) pays ComfyUI's per-call "
+              "path for them too; with the real network each extra call costs a whole model call."]
     lines += ["", "## Speedup at a fixed reuse setting (wall time of the uncached run over the method's)\n",
               "| model | method | speedup | cached bytes per image |", "|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['what']} | x{r['speedup']:.2f} | {r['cached_bytes_per_image']} |"

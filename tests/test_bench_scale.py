@@ -17,6 +17,8 @@ def test_quick_gpu_mode_fills_every_table(stride):
         assert {f"sampler {name}" for name in scale.SAMPLERS} <= samplers
         assert any(r["kind"] == "guidance" for r in rows) and any(r["kind"] == "cache" for r in rows)
         assert all(math.isfinite(r["ms_per_step"]) for r in rows)
+        calls = {r["what"]: r["calls"] for r in rows if r["kind"] == "sampler"}
+        assert calls["sampler stride_dpmpp_2m"] == 0 and calls["sampler stride_flowturbo"] == 2  # its Heun steps
         caches = [r for r in rows if r["kind"] == "cache"]
         assert all(r["cached_bytes_per_image"] > 0 for r in caches)  # the wrapper really stored something
     speed = result["speedup"]
