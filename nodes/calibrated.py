@@ -131,6 +131,12 @@ def run_calibrated(method, calibration, model, x, sigmas, extra_args, callback, 
         if options.get("cpr"):  # ratios predicted for this run's NFE and cfg
             cfg = float(getattr(model.inner_model, "cfg", 1.0))
             ratios = dc_solver.cpr_ratios(torch.tensor(ratios, dtype=torch.float64), len(sigmas) - 1, cfg)
+            outside = [f"{what} {value:g} outside the searched {lo:g}-{hi:g}" for what, value, (lo, hi) in
+                       (("steps", len(sigmas) - 1, options.get("steps", (0, 1e9))),
+                        ("cfg", cfg, options.get("cfgs", (-1e9, 1e9)))) if not lo <= value <= hi]
+            if outside:
+                logging.warning("Stride DC-Solver: the CPR ratios are extrapolated (%s); they are least reliable "
+                                "there: add these settings to the CPR calibration", ", ".join(outside))
             logging.info("Stride DC-Solver: CPR ratios for %d steps at cfg %g: %s", len(sigmas) - 1, cfg,
                          [round(r, 3) for r in ratios])
         return dc_solver.sample_dc(model, x, sigmas, extra_args, callback, disable, param, ratios=ratios,
@@ -362,7 +368,8 @@ class StrideCalibrateDCSolverCPR(io.ComfyNode):
                         "stride_dc_solver predict ratios for other steps and cfg of this scheduler with no search.",
             inputs=[i for i in _calibrate_inputs([]) if i.id not in ("cfg", "steps", "sigmas")] + [
                 io.String.Input("steps_list", default="5, 6, 8, 10",
-                                tooltip="Step counts to search (at least 3 each)."),
+                                tooltip="Step counts to search (at least 3 each). Runs at other step counts or cfg "
+                                        "use the polynomial's extrapolation, with a warning."),
                 io.String.Input("cfg_list", default="1, 3, 5.5", tooltip="Guidance scales to search."),
                 io.Combo.Input("solver", options=["unipc", "dpmpp"], default="unipc",
                                tooltip="UniPC (bh2, order 2, with corrector) or DPM-Solver++ 2M (predictor only).")],
@@ -371,18 +378,23 @@ class StrideCalibrateDCSolverCPR(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, latent_image, scheduler, samples, seed, steps_list, cfg_list,
                 solver) -> io.NodeOutput:
-        from .compare import parse_nfes
         searched = {}
-        for steps in parse_nfes(steps_list):
-            if steps < 3:
-                raise ValueError(f"Stride DC-Solver CPR: {steps} steps have nothing to compensate; use 3 or more")
-            for cfg in parse_floats(cfg_list, "cfg_list"):
+        step_counts = parse_floats(steps_list, "steps_list")
+        if any(s_ != int(s_) or s_ < 3 for s_ in step_counts):
+            raise ValueError(f"Stride DC-Solver CPR: steps_list must be whole numbers of at least 3 steps (fewer have "
+                             f"nothing to compensate), got {steps_list!r}")
+        cfgs = parse_floats(cfg_list, "cfg_list")
+        for steps in sorted({int(s_) for s_ in step_counts}):
+            for cfg in cfgs:
                 text = _calibrate("dc_solver", model, positive, negative, latent_image, cfg, scheduler, steps,
                                   samples, seed, None, {"solver": solver}, REFINE + 12)
                 searched[(steps, cfg)] = json.loads(text)["values"]
         coeffs = dc_solver.cpr_fit(searched)
         fp = store.fingerprint(model)
-        text = calibration_text("dc_solver", fp, [], None, {"solver": solver, "cpr": scheduler}, coeffs.tolist())
+        searched_range = {"steps": [min(k[0] for k in searched), max(k[0] for k in searched)],
+                          "cfgs": [min(cfgs), max(cfgs)]}
+        text = calibration_text("dc_solver", fp, [], None, {"solver": solver, "cpr": scheduler, **searched_range},
+                                coeffs.tolist())
         settings = {"cpr": sorted(f"{k[0]}@{k[1]}" for k in searched), "scheduler": scheduler, "samples": samples,
                     "seed": seed, "solver": solver, "conditioning": conditioning_digest(positive, negative)}
         store.save("dc_solver", settings, fp, {"coefficients": coeffs.float()},
@@ -403,10 +415,11 @@ class StrideCalibrateIIA(io.ComfyNode):
                                tooltip="The solver IIA corrects: DDIM (= Euler), DPM-Solver++ 2M, or Heun (2 calls "
                                        "per step)."),
                 io.Combo.Input("target", options=["reference", "fine"], default="reference",
-                               tooltip="(expert) What each step is fitted to: the reference trajectory at the step's "
-                                       "end (default: the corrections then steer the run back onto it), or the "
-                                       "paper's local target, the base solver on 8 finer steps from the step's start "
-                                       "(8 more model evaluations per step; it can raise the final error).")]),
+                               tooltip="(expert) What each step is fitted to. reference (Stride's default, not the "
+                                       "paper's): the reference trajectory at the step's end, so the corrections "
+                                       "steer the run back onto it. fine (the paper's local target): the base solver "
+                                       "on 8 finer steps from the step's start (8 more model evaluations per step; on "
+                                       "the demo models it often raised the final error).")]),
             outputs=[io.String.Output(tooltip="The calibration: paste it into the IIA sampler node.")])
 
     @classmethod

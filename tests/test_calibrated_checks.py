@@ -115,3 +115,32 @@ def test_capped_options_warn(node_class, store, caplog):
         node_class("StrideCalibrateDPMSolverV3").execute(model, pos, neg, latent, 3.0, "karras", 6, 4, 0,
                                                          statistics="per_element")
     assert any("from 4 samples are 2% per element and 98% per channel" in r.getMessage() for r in caplog.records)
+
+
+def test_small_items(stride, node_class, store, caplog, guided_oracle):
+    """sample_dc runs with its default parameterization (it crashed on param=None); the CPR node's list errors
+    name it; a CPR calibration warns when a run extrapolates outside its searched steps and cfg."""
+    dc = stride("samplers.calibrated.dc_solver")
+    d = guided_oracle(False, torch.tensor([3, 7]), 3.0)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 14.6
+    sigmas = torch.tensor([14.6, 3.0, 0.7, 0.1, 0.0], dtype=torch.float64)
+    assert torch.isfinite(dc.sample_dc(d, x, sigmas, ratios=[1.0, 1.0, 1.1, 1.0])).all()
+    model, pos, neg, latent = demo(node_class, "oracle_eps", batch=2)
+    cpr = lambda steps, cfgs: node_class("StrideCalibrateDCSolverCPR").execute(model, pos, neg, latent, "karras", 2,
+                                                                                0, steps, cfgs, "unipc").result[0]
+    with pytest.raises(ValueError, match="Stride DC-Solver CPR: list at least one value in steps_list"):
+        cpr(" , ", "3")
+    with pytest.raises(ValueError, match="Stride DC-Solver CPR: steps_list must be whole numbers of at least 3"):
+        cpr("2, 4", "3")
+    with torch.inference_mode():
+        text = cpr("4, 5", "2, 3")
+    assert json.loads(text)["options"]["steps"] == [4, 5] and json.loads(text)["options"]["cfgs"] == [2.0, 3.0]
+    sampler = node_class("StrideSamplerDCSolver").execute(text).result[0]
+    ms = model.get_model_object("model_sampling")
+    for steps, cfg, outside in ((5, 2.5, None), (8, 2.5, "steps 8 outside the searched 4-5"),
+                                (4, 6.0, "cfg 6 outside the searched 2-3")):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            run(model, pos, neg, latent, sampler, comfy.samplers.calculate_sigmas(ms, "karras", steps), 0, cfg)
+        warned = [r.getMessage() for r in caplog.records if "extrapolated" in r.getMessage()]
+        assert (outside in warned[0]) if outside else not warned

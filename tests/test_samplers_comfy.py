@@ -362,6 +362,10 @@ def test_bad_options_are_clear_errors(node_class, run_prompt, node, options, fli
 def test_a_non_finite_sample_is_a_clear_error(stride, bridge):
     sample = bridge.bridged(stride("samplers.multistep").sample_dpmpp, "x")
     x, sigmas = torch.randn(2, 4, 8, 8), torch.tensor([2.0, 1.0, 0.5, 0.0])
+    # a one-sigma list is no step: the input comes back unchanged (as from ComfyUI's own samplers); empty is refused
+    assert torch.equal(sample(lambda x, sigma: torch.zeros_like(x), x, sigmas[:1], param="ve"), x)
+    with pytest.raises(ValueError, match="sigmas must be a non-empty 1-D list"):
+        sample(lambda x, sigma: torch.zeros_like(x), x, sigmas[:0], param="ve")
     assert torch.equal(sample(lambda x, sigma: torch.zeros_like(x), x, sigmas, param="ve"), torch.zeros_like(x))
     with pytest.raises(bridge.SampleNotFinite, match=r"Stride x: the sample is not finite \(NaN/inf\)"):
         sample(lambda x, sigma: torch.full_like(x, float("nan")), x, sigmas, param="ve")

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from ..core import bcast
+from ..core import VE, bcast
 from ..multistep import sample_exponential
 from ..plugins import Plugin
 from ..schedules.common import mse
@@ -51,7 +51,7 @@ class DCCompensation(Plugin):
         hist.items[0] = (out, l0)
 
 
-def sample_dc(model, x, sigmas, extra_args=None, callback=None, disable=None, param=None, ratios=(),
+def sample_dc(model, x, sigmas, extra_args=None, callback=None, disable=None, param=VE, ratios=(),
               solver="unipc", order=2, variant="bh2", record=None):
     """UniPC (or DPM-Solver++ / DDIM: solver='dpmpp') with DC-Solver's compensation by `ratios`."""
     plugin = DCCompensation(ratios, record=record is not None)
