@@ -79,9 +79,11 @@ class StrideCalibrateBespoke(io.ComfyNode):
     def define_schema(cls):
         inputs = calibrated._calibrate_inputs([
             io.Combo.Input("base", options=list(bespoke.BASES), default="rk2",
-                           tooltip="The solver the Bespoke transformation is learned on: rk1 = Euler (1 model "
-                                   "evaluation per step), rk2 = midpoint, ComfyUI's dpm_2 (2 per step, 1 on the last "
-                                   "step). rk2 at 4 steps costs 7 evaluations."),
+                           tooltip="The solver the Bespoke transformation starts from (and must beat): rk1 = Euler "
+                                   "(1 model evaluation per step), rk2 = midpoint, ComfyUI's dpm_2 (2 per step, 1 on "
+                                   "the last: 4 steps cost 7), ei1 = DDIM (the same as Euler on EPS models), ei2 = "
+                                   "DPM-Solver++(2S) (the exponential integrators, the same costs; ei2 stays stable "
+                                   "where dpm_2 diverges on few karras steps)."),
             io.Int.Input("iterations", default=200, min=0, max=10000,
                          tooltip="Gradient steps on the paper's loss; each costs about 3 model evaluations per "
                                  "solver evaluation (forward and backward) on the fit half of the batch."),

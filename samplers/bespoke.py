@@ -4,7 +4,9 @@ A base Runge-Kutta solver (RK1: Euler; RK2: midpoint, the step's midpoint at the
 ComfyUI's dpm_2) runs on a scale-time transformed ODE: x_bar(r) = s(r) x(t(r)) with r uniform in [0, 1], whose
 per-node times t_j, time derivatives, scales s_j and scale derivatives are learned for the user's model. The ODE is
 the PF-ODE in the model's own variables, dx/dsigma = (x - D) / sigma (VE for EPS models, the flow velocity for
-flow models), so the identity parameters are ComfyUI's euler / dpm_2 on the base schedule, bit for bit.
+flow models), so the identity parameters are ComfyUI's euler / dpm_2 on the base schedule, bit for bit. The
+exponential-integrator variant (ei1 / ei2) is the same family started from the parameters that make each step DDIM /
+DPM-Solver++(2S): a DDIM step is a scale-time Euler step (scale 1/sigma), in VE and flow variables alike.
 
 Parameterization (all zero = identity, order-consistent): the interior times move in log sigma by multipliers
 exp(gap) of the base schedule's gaps (monotone by construction), a midpoint's place between its step's ends is
@@ -28,11 +30,13 @@ from .core import bcast, ode_slope
 from .schedules.common import log_grid, mse, teacher_trajectory
 
 TEXT_VERSION = 1
-BASES = {"rk1": "Euler", "rk2": "midpoint (dpm_2)"}
+# ei1 (DDIM) is Euler on a VE (EPS) model: they differ on flow models only
+BASES = {"rk1": "Euler", "rk2": "midpoint (dpm_2)", "ei1": "DDIM", "ei2": "DPM-Solver++(2S)"}
+ORDER = {"rk1": 1, "rk2": 2, "ei1": 1, "ei2": 2}
 
 
 def _nfe(base, steps):
-    return steps if base == "rk1" else 2 * steps - 1
+    return steps if ORDER[base] == 1 else 2 * steps - 1
 
 
 def steps_for_nfe(base, nfe):
@@ -40,7 +44,7 @@ def steps_for_nfe(base, nfe):
     the last)."""
     if base not in BASES:
         raise ValueError(f"Stride Bespoke: unknown base {base!r}; choose from {sorted(BASES)}")
-    return max(1, nfe if base == "rk1" else (nfe + 1) // 2)
+    return max(1, nfe if ORDER[base] == 1 else (nfe + 1) // 2)
 
 
 @dataclass
@@ -58,7 +62,11 @@ class Bespoke:
     NAMES = ("gap", "mid", "dt", "log_s", "ds")
 
     @classmethod
-    def identity(cls, base, sigmas):
+    def identity(cls, base, sigmas, flow=False):
+        """The base solver on the base schedule: rk1 / rk2 with all parameters 0; ei1 / ei2, the exponential
+        integrators, as the parameters that make each step DDIM / DPM-Solver++(2S) (midpoint in the half-log-SNR
+        of the model's parameterization, `flow`) exactly: a DDIM step from t to t' with A = t'/t is the scale-time
+        Euler step with s'/s = 1/A, h t' = (t' - t) t/t' and h s'/s = 1/A - 1, in VE and flow variables alike."""
         if base not in BASES:
             raise ValueError(f"Stride Bespoke: unknown base {base!r}; choose from {sorted(BASES)}")
         sigmas = torch.as_tensor(sigmas, dtype=torch.float64).detach().cpu().clone()  # not an inference tensor
@@ -68,7 +76,45 @@ class Bespoke:
         n = len(sigmas) - 1
         stages = _nfe(base, n)
         z = lambda k: torch.zeros(k, dtype=torch.float64)
-        return cls(base, sigmas, z(n - 1), z(n - 1 if base == "rk2" else 0), z(stages), z(stages), z(stages))
+        out = cls(base, sigmas, z(n - 1), z(n - 1 if ORDER[base] == 2 else 0), z(stages), z(stages), z(stages))
+        if base.startswith("ei"):
+            out._exponential(flow)
+        return out
+
+    def _exponential(self, flow):
+        """Set the parameters of the exponential integrator (see identity)."""
+        inner = self.sigmas[:-1]
+        if self.order == 2:  # the midpoint in lambda, as a place in log sigma
+            lam = (lambda s_: -torch.logit(s_)) if flow else (lambda s_: -torch.log(s_))
+            top = inner[:-1].clamp(max=1 - 1e-4) if flow else inner[:-1]
+            mid_sigma = torch.sigmoid(-(lam(top) + lam(inner[1:])) / 2) if flow else (top * inner[1:]).sqrt()
+            w = (mid_sigma.log() - inner[:-1].log()) / (inner[1:].log() - inner[:-1].log())
+            self.mid = torch.logit(w)
+        t = self.times()
+        stages = len(t) - 1
+        dt, ds = torch.zeros(stages, dtype=torch.float64), torch.zeros(stages, dtype=torch.float64)
+        secant = self.coefficients()[1]
+        log_scale = torch.zeros(stages + 1, dtype=torch.float64)
+        for k in range(stages - 1):  # every stage but the last (to sigma 0: a final denoise, as Euler's)
+            if self.order == 1 or k % 2 == 0:  # a DDIM step (a first stage) from node k to node k + 1
+                ratio = t[k + 1] / t[k]
+                log_scale[k + 1] = log_scale[k] - torch.log(ratio)
+                dt[k] = -torch.log(ratio)            # h t' = secant * t / t'
+                ds[k] = 1 / ratio - 1
+            else:  # the midpoint stage of step (k - 1) / 2: DDIM from its start with the midpoint's output
+                start, end = k - 1, k + 1
+                ratio = t[end] / t[start]
+                log_scale[end] = log_scale[start] - torch.log(ratio)
+                s_m, s_b = log_scale[k].exp(), log_scale[end].exp()
+                c = -(1 - ratio) * t[k] * s_b / s_m
+                dt[k] = torch.log(c / secant[k])
+                ds[k] = -c / t[k]
+        log_scale[-1] = log_scale[-2]
+        self.dt, self.ds, self.log_s = dt, ds, log_scale[1:]
+
+    @property
+    def order(self):
+        return ORDER[self.base]
 
     @property
     def steps(self):
@@ -130,7 +176,7 @@ class Bespoke:
             inner = torch.cat([base[:1], base[1:] * torch.exp(shift)])
         else:
             inner = base
-        if self.base == "rk1":
+        if self.order == 1:
             return torch.cat([inner, inner.new_zeros(1)])
         w = torch.sigmoid(self.mid.to(inner))
         mids = torch.exp(torch.lerp(inner[:-1].log(), inner[1:].log(), w))
@@ -141,7 +187,7 @@ class Bespoke:
         """(t [S+1], c [S], chi [S], s [S+1]): per stage its time, h t' (the secant times exp(dt)), h s'/s, and the
         scale at every node."""
         t = self.times()
-        if self.base == "rk1":
+        if self.order == 1:
             secant = t[1:] - t[:-1]
         else:  # first stage of step i: to its midpoint; midpoint stage: the whole step; last step: to 0
             k = len(t) - 2  # nodes 0, 1/2, 1, ..., N-1 at 0..k, sigma 0 at k + 1
@@ -160,7 +206,7 @@ class Bespoke:
         lip = 0 won everywhere."""
         t, c, chi, s = self.coefficients()
         a = chi.abs() + c.abs() * lip / t[:-1]
-        if self.base == "rk1":
+        if self.order == 1:
             return s[:-1] / s[1:] * (1 + a)
         first, midst = a[:-1:2], a[1::2]
         inner = s[:-3:2] / s[2:-1:2] * (1 + midst * (1 + first))
@@ -187,12 +233,12 @@ def sample_bespoke(model, x, sigmas, extra_args=None, callback=None, disable=Non
     sig = lambda k: t[k].to(x.device).expand(b).to(x.dtype)
     n = solver.steps
     for i in range(n):
-        a = i if solver.base == "rk1" else 2 * i
+        a = i if solver.order == 1 else 2 * i
         denoised = model(x, sig(a), **extra_args)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
         v = ode_slope(x, denoised, t[a])
-        if solver.base == "rk1" or i == n - 1:
+        if solver.order == 1 or i == n - 1:
             x = _rk1(x, v, s[a], s[a + 1], chi[a], c[a])
             continue
         x_m = _rk1(x, v, s[a], s[a + 1], chi[a], c[a])
@@ -202,8 +248,10 @@ def sample_bespoke(model, x, sigmas, extra_args=None, callback=None, disable=Non
 
 
 def sample_bespoke_base(model, x, sigmas, extra_args=None, callback=None, disable=None, param=None, base="rk2"):
-    """The base solver of a Bespoke solver (its identity parameters): Euler (rk1) or ComfyUI's dpm_2 (rk2)."""
-    return sample_bespoke(model, x, sigmas, extra_args, callback, disable, Bespoke.identity(base, sigmas))
+    """The base solver of a Bespoke solver (its identity parameters): Euler (rk1), ComfyUI's dpm_2 (rk2), DDIM (ei1)
+    or DPM-Solver++(2S) (ei2) in the model's parameterization `param`."""
+    flow = bool(getattr(param, "flow", False))
+    return sample_bespoke(model, x, sigmas, extra_args, callback, disable, Bespoke.identity(base, sigmas, flow))
 
 
 # --- the teacher ---------------------------------------------------------------------------------------------------
@@ -250,8 +298,8 @@ def rmse_bound(solver, denoiser, teacher, lip=0.0):
     for RK2)."""
     t, c, chi, s = solver.coefficients()
     n = solver.steps
-    starts = t[:-1] if solver.base == "rk1" else t[:-1:2]
-    stage = torch.arange(len(starts)) * (1 if solver.base == "rk1" else 2)
+    starts = t[:-1] if solver.order == 1 else t[:-1:2]
+    stage = torch.arange(len(starts)) * solver.order
     ends = torch.cat([starts[1:], t[-1:]])
     x0, x1 = teacher.at(starts), teacher.at(ends)                          # [N, B, ...]
     b = x0.shape[1]
@@ -260,7 +308,7 @@ def rmse_bound(solver, denoiser, teacher, lip=0.0):
     xs = flat(x0)
     v = ode_slope(xs, denoiser(xs, per(starts)), per(starts))
     a = stage
-    if solver.base == "rk1":
+    if solver.order == 1:
         pred = _rk1(xs, v, per(s[a]), per(s[a + 1]), per(chi[a]), per(c[a]))
     else:
         last = torch.zeros(n, dtype=torch.bool)
@@ -280,12 +328,13 @@ def rmse_bound(solver, denoiser, teacher, lip=0.0):
 
 
 def fit(denoiser, teacher, sigmas, base="rk2", iterations=200, lr=0.03, lip=0.0, init=None, progress=None,
-        checkpointed=True):
+        checkpointed=True, flow=False):
     """Fit a Bespoke solver on the teacher's noises by Adam on the RMSE bound; returns (the solver with the lowest
     bound met, its bound, the identity's bound). progress(i) is called after each iteration (and may raise to
-    stop). denoiser(x, sigma [B]) is differentiable (gradients flow through it); checkpointed=False saves the
+    stop); it starts from `init`, else the base solver (flow: the model's parameterization, for the exponential
+    integrators). denoiser(x, sigma [B]) is differentiable (gradients flow through it); checkpointed=False saves the
     recomputation where the denoiser is cheap and autograd-safe."""
-    solver = (init or Bespoke.identity(base, sigmas)).detached()
+    solver = (init or Bespoke.identity(base, sigmas, flow)).detached()
     # each model call gradient-checkpointed (as LD3): its activations are recomputed in the backward pass, which
     # also keeps networks that add in place into saved tensors (ComfyUI's Flux blocks) differentiable
     if checkpointed:
@@ -350,8 +399,8 @@ def calibrate(denoiser, x, sigmas, sigma_min, flow, base="rk2", iterations=200, 
     fit_rows, held_rows = split(x.shape[0])
     fit_denoiser = denoiser if stacked else _in_calls_of(denoiser, len(fit_rows))
     solver, bound, start = fit(fit_denoiser, teacher.rows(fit_rows), sigmas, base, iterations, lr, lip,
-                               progress=progress, checkpointed=checkpointed)
-    base_solver = Bespoke.identity(base, sigmas)
+                               progress=progress, checkpointed=checkpointed, flow=flow)
+    base_solver = Bespoke.identity(base, sigmas, flow)
     errs = {name: error(denoiser, sv, x.detach(), teacher.output) for name, sv in (("fitted", solver),
                                                                                   ("base", base_solver))}
     report = {"base": base, "nfe": solver.nfe, "bound": bound, "base_bound": start,
