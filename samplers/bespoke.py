@@ -275,7 +275,8 @@ class Teacher:
         return out
 
     def at(self, t):
-        """The teacher state at the times t [K] (differentiable in t): [K, B, ...]."""
+        """The teacher state at the times t [K] (differentiable in t): [K, B, ...], on the teacher's device."""
+        t = t.to(self.xs.device)
         grid = self.grid.to(t)
         idx = torch.searchsorted(-grid, -t.detach()).clamp(1, len(grid) - 1) - 1   # grid[idx] >= t > grid[idx+1]
         lo, hi = grid[idx], grid[idx + 1]
@@ -296,10 +297,10 @@ def rmse_bound(solver, denoiser, teacher, lip=0.0):
     """The paper's loss per sample [B]: sum_i M_i d_i, d_i = RMSE(step_i(x(t_i)) - x(t_{i+1})) on the teacher, M_i
     the product of the Lipschitz bounds of the steps after i. All steps' evaluations go in one batched call (two
     for RK2)."""
-    t, c, chi, s = solver.coefficients()
+    t, c, chi, s = (v.to(teacher.xs.device) for v in solver.coefficients())  # the parameters stay on the CPU
     n = solver.steps
     starts = t[:-1] if solver.order == 1 else t[:-1:2]
-    stage = torch.arange(len(starts)) * solver.order
+    stage = torch.arange(len(starts), device=t.device) * solver.order
     ends = torch.cat([starts[1:], t[-1:]])
     x0, x1 = teacher.at(starts), teacher.at(ends)                          # [N, B, ...]
     b = x0.shape[1]
@@ -311,8 +312,6 @@ def rmse_bound(solver, denoiser, teacher, lip=0.0):
     if solver.order == 1:
         pred = _rk1(xs, v, per(s[a]), per(s[a + 1]), per(chi[a]), per(c[a]))
     else:
-        last = torch.zeros(n, dtype=torch.bool)
-        last[-1] = True
         rk1 = _rk1(xs, v, per(s[a]), per(s[a + 1]), per(chi[a]), per(c[a]))  # midpoints (and the last step)
         m = a[:-1] + 1
         x_m = rk1[: (n - 1) * b]
@@ -322,7 +321,7 @@ def rmse_bound(solver, denoiser, teacher, lip=0.0):
     # [N, B]; the epsilon keeps the gradient finite where a step is exact (the last Euler step from the teacher's
     # floor is its final denoise)
     d = ((pred - flat(x1)).reshape(n, b, -1).pow(2).mean(-1) + 1e-24).sqrt()
-    lips = solver.lipschitz(lip)
+    lips = solver.lipschitz(lip).to(d.device)
     later = torch.cat([torch.flip(torch.cumprod(torch.flip(lips[1:], [0]), 0), [0]), lips.new_ones(1)])  # M_i
     return (later[:, None] * d).sum(0)
 
