@@ -8,13 +8,14 @@ flow models), so the identity parameters are ComfyUI's euler / dpm_2 on the base
 exponential-integrator variant (ei1 / ei2) is the same family started from the parameters that make each step DDIM /
 DPM-Solver++(2S): a DDIM step is a scale-time Euler step (scale 1/sigma), in VE and flow variables alike.
 
-Parameterization (all zero = identity, order-consistent): the interior times move in log sigma by multipliers
+Parameterization (all zero = the rk identity; order-consistent): the interior times move in log sigma by multipliers
 exp(gap) of the base schedule's gaps (monotone by construction), a midpoint's place between its step's ends is
 sigmoid(mid) in log sigma, each stage's time derivative is its secant times exp(dt), the scale s = exp(log_s)
 (s_0 = 1), and each stage's relative scale derivative h s'/s is ds. The last step (to sigma 0) is an RK1 step.
 
 Training: the paper's RMSE bound, sum_i M_i d_i, with d_i the RMSE of step i started on the teacher trajectory at
-t_i against the teacher at t_{i+1}, and M_i the product of the later steps' Lipschitz bounds; the teacher is one
+t_i against the teacher at t_{i+1}, and M_i the product of the later steps' Lipschitz bounds (the slope's Lipschitz
+constant taken as lip / sigma, lip = 0 by default: measured, see Bespoke.lipschitz); the teacher is one
 fine solve (Stride's UniPC-3) interpolated by cubic Hermite polynomials (states and slopes), so the learned times
 can move freely and every step is evaluated in parallel, with gradients through the denoiser.
 """
@@ -49,8 +50,9 @@ def steps_for_nfe(base, nfe):
 
 @dataclass
 class Bespoke:
-    """A Bespoke solver: its base ('rk1' | 'rk2'), the base schedule (N steps ending in 0) and the free
-    parameters (float64 tensors; all zero is the base solver on the base schedule)."""
+    """A Bespoke solver: its base ('rk1' | 'rk2' | 'ei1' | 'ei2'), the base schedule (N steps ending in 0) and the
+    free parameters (float64 tensors; Bespoke.identity gives the base solver on the base schedule: all zero for rk).
+    to_text / from_text carry it as one line of JSON."""
     base: str
     sigmas: torch.Tensor
     gap: torch.Tensor    # [N-1] interior times: log-multipliers of the base gaps in log sigma
