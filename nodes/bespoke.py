@@ -3,11 +3,9 @@ model (with gradients through it) on the machinery of the calibrated solvers (no
 text, the checks), the sampler node runs it from its text, and `stride_bespoke` finds a stored one by model,
 schedule and cfg. A fit that does not beat its base on held-out calibration noises is refused, never stored."""
 import logging
-from contextlib import contextmanager
 
 import torch
 
-import comfy.model_management
 from comfy_api.latest import io
 
 from ..samplers import bespoke
@@ -25,7 +23,7 @@ def fit_bespoke(ctx, sigmas, options):
     fit_rows = len(bespoke.split(batch)[0])
     nfe = bespoke.Bespoke.identity(options["base"], sigmas).nfe
     backward = lambda i: ctx.denoiser.charge(2 * nfe * fit_rows / batch)
-    with torch.inference_mode(False), autograd_weights(ctx.inner_model.inner_model), training():
+    with torch.inference_mode(False), autograd_weights(ctx.inner_model.inner_model):
         solver, report = bespoke.calibrate(ctx.denoiser, ctx.x.detach().clone(), sigmas, ctx.sigma_min,
                                            ctx.param.flow, options["base"], options["iterations"],
                                            options["learning_rate"], options["lipschitz"], TEACHER_POINTS,
@@ -34,22 +32,6 @@ def fit_bespoke(ctx, sigmas, options):
                  "(base %.4g) on the held-out noises", options["base"], solver.nfe, report["error"],
                  report["base_error"], report["held_out_error"], report["held_out_base_error"])
     return solver.tensors(), report
-
-
-@contextmanager
-def training():
-    """ComfyUI's training flag while the fit runs: newer trees (0.33) route Flux's rotary embedding through a
-    comfy_kitchen kernel that has no backward unless `comfy.model_management.in_training` is set (as ComfyUI's own
-    LoRA trainer sets it). Absent in older trees: nothing to do there."""
-    if not hasattr(comfy.model_management, "in_training"):
-        yield
-        return
-    before = comfy.model_management.in_training
-    comfy.model_management.in_training = True
-    try:
-        yield
-    finally:
-        comfy.model_management.in_training = before
 
 
 def run_bespoke(calibration, values, model, x, sigmas, extra_args, callback, disable, param, overrides):

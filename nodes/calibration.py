@@ -17,6 +17,7 @@ import comfy.utils
 from ..samplers.multistep import sample_unipc
 from ..samplers.schedules.common import Counted, log_grid, teacher_trajectory
 from .calibration_store import _digest
+from .compat import training
 from .sampler_bridge import model_param
 
 
@@ -169,7 +170,8 @@ def calibrate(model, positive, negative, latent, cfg, seed, samples, budget, lab
 def autograd_weights(module):
     """ComfyUI loads weights under inference mode, and autograd cannot save inference tensors for the backward
     pass. Inside this context the module's inference-mode parameters and buffers are replaced by ordinary
-    copies (one extra copy of the weights while it lasts), and put back after."""
+    copies (one extra copy of the weights while it lasts), and put back after; ComfyUI's training flag is set
+    meanwhile (nodes/compat.py)."""
     swapped = []
     with torch.inference_mode(False):
         for mod in module.modules():
@@ -181,7 +183,8 @@ def autograd_weights(module):
                             if isinstance(value, torch.nn.Parameter) else copy
                         swapped.append((store, name, value))
     try:
-        yield
+        with training():  # newer ComfyUI: kernels with a backward
+            yield
     finally:
         for store, name, value in swapped:
             store[name] = value

@@ -4,8 +4,10 @@ Each difference is bridged here once, by looking at what the running ComfyUI has
 """
 import dataclasses
 import inspect
+from contextlib import contextmanager
 
 import comfy.ldm.flux.model
+import comfy.model_management
 from comfy_api.latest import io
 
 # Stride ships Flux-family weights with the QK-norm parameters named as ComfyUI 0.3.75 names them (`.scale`);
@@ -63,3 +65,19 @@ def params_config(params_class, unet_config):
         if required and name not in config and name in NEUTRAL_FIELDS:
             config[name] = NEUTRAL_FIELDS[name]
     return config
+
+
+@contextmanager
+def training():
+    """ComfyUI's training flag while gradients flow through the model: newer trees route Flux's rotary embedding
+    through a comfy_kitchen kernel that has no backward unless `comfy.model_management.in_training` is set (as
+    ComfyUI's own LoRA trainer sets it). Older trees have no such flag: nothing to do there."""
+    if not hasattr(comfy.model_management, "in_training"):
+        yield
+        return
+    before = comfy.model_management.in_training
+    comfy.model_management.in_training = True
+    try:
+        yield
+    finally:
+        comfy.model_management.in_training = before

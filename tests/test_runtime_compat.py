@@ -2,6 +2,7 @@
 ([B, 1, N]), weights that move between devices between calls, and new built-in sampler names inserted into the
 lists Stride appends its `stride_*` names to."""
 import inspect
+import json
 
 import pytest
 import torch
@@ -166,3 +167,17 @@ def test_retrained_weights_are_saved_in_the_shipped_form_and_load_back(stride, n
     assert not missing and not unexpected
     for key, value in fresh.diffusion_model.state_dict().items():
         assert torch.equal(value, model.diffusion_model.state_dict()[key]), key
+
+
+def test_ld3_backpropagates_through_the_flux_dit_on_every_tree(node_class, calibration_store):
+    """Newer ComfyUI computes Flux's rotary embedding with a kernel that has a backward only under its training
+    flag; the calibrations that take gradients (LD3, Bespoke) set it while they run, and put it back."""
+    import comfy.model_management
+    before = getattr(comfy.model_management, "in_training", None)
+    with torch.inference_mode():
+        m, pos, neg, latent = node_class("StrideDemoModel").execute("dit_small", "37", 1, 1.0, False).result
+        text = node_class("StrideScheduleLD3").execute(m, pos, neg, latent, 3.0, "euler", 4, 80, 2, 0, 1.0,
+                                                       "auto").result[1]
+    info = json.loads(text)["calibration"]
+    assert info["iterations"] >= 1 and info["loss"] < info["initial_loss"]
+    assert getattr(comfy.model_management, "in_training", None) == before
