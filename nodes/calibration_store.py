@@ -31,7 +31,9 @@ def _digest(parts):
     for part in parts:
         if torch.is_tensor(part):
             flat = part.detach().flatten()
+            # float32 positions (as stored fingerprints were made); past 2**24 values they round up to numel()
             idx = torch.linspace(0, max(flat.numel() - 1, 0), min(SAMPLED_VALUES, flat.numel())).long()
+            idx = idx.clamp_(max=max(flat.numel() - 1, 0))
             h.update(repr(tuple(part.shape)).encode())
             h.update(flat[idx].to(torch.float32).cpu().numpy().tobytes())
         else:

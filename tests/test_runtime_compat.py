@@ -181,3 +181,13 @@ def test_ld3_backpropagates_through_the_flux_dit_on_every_tree(node_class, calib
     info = json.loads(text)["calibration"]
     assert info["iterations"] >= 1 and info["loss"] < info["initial_loss"]
     assert getattr(comfy.model_management, "in_training", None) == before
+
+
+def test_fingerprints_take_tensors_of_real_model_size(stride):
+    """A weight of more than 2**24 values (every real SDXL / Flux checkpoint has them) is fingerprinted too: sampled
+    positions in float32 used to round past its end."""
+    digest = stride("nodes.calibration_store")._digest
+    big = torch.zeros(56623104, dtype=torch.bfloat16)
+    first = digest([big])
+    big[-1] = 1.0
+    assert digest([big]) != first  # the last value is among the sampled ones
