@@ -31,7 +31,7 @@ SAMPLER_NODES = ("StrideSamplerDPMPP", "StrideSamplerUniPC", "StrideSamplerDualF
 
 
 class Cell(NamedTuple):
-    status: str      # engaged | whole-call | refused | unavailable | skipped (not run by --quick)
+    status: str      # engaged | whole-call | refused | unavailable | skipped (not run by --quick) | failed
     measure: str     # what was measured ("6/16 blocks reused", "2/4 uncond skipped", ...) or the reason
     detail: str = ""  # the log line or error behind it
 
@@ -45,7 +45,7 @@ class Cell(NamedTuple):
                    else "no 'dit' block replacement in its ComfyUI model")
             return f"whole calls: {self.measure} ({why})"
         return {"engaged": f"engaged: {self.measure}", "unavailable": "not in this ComfyUI",
-                "skipped": "not run (--quick)"}[self.status].replace("|", "/")
+                "skipped": "not run (--quick)", "failed": f"FAILS: {self.measure}"}[self.status].replace("|", "/")
 
 
 # --- the ComfyUI paths ---------------------------------------------------------------------------------------------
@@ -436,18 +436,19 @@ FEATURES = {
     "step cache (first block)": cell_step_cache_block,
     "cache plan": cell_cache_plan,
     "T-Stitch": cell_tstitch,
-    "schedule optimizers": cell_schedules,
     "calibrated solvers": cell_calibrated,
+    "schedule optimizers": cell_schedules,  # after the solvers: LD3's failing backward pass may leave state behind
 }
 
 
-CALIBRATING = ("schedule optimizers", "calibrated solvers")  # the costly columns (hundreds of model calls a cell)
+CALIBRATING = ("calibrated solvers", "schedule optimizers")  # the costly columns (hundreds of model calls a cell)
 QUICK_CALIBRATED = ("SD1.5", "Flux dev", "WAN 2.1 T2V")  # --quick: one EPS UNet, one flow DiT, one 5-D video DiT
 
 
-def run_family(name, features=None, on_cell=None, quick=False):
+def run_family(name, features=None, on_cell=None, quick=False, strict=True):
     """{feature: Cell} for one family (each cell on a new model of the family's cached weights); quick: the
-    calibrating columns only on QUICK_CALIBRATED."""
+    calibrating columns only on QUICK_CALIBRATED; strict (the tests): a cell that fails raises, else (the bench)
+    it is recorded as failed and the matrix goes on."""
     from bench import families
     reason = families.unavailable(name)
     features = features or list(FEATURES)
@@ -460,7 +461,12 @@ def run_family(name, features=None, on_cell=None, quick=False):
             continue
         built = families.build(name)
         start = time.perf_counter()
-        out[feature] = FEATURES[feature](built, cache)
+        try:
+            out[feature] = FEATURES[feature](built, cache)
+        except Exception as error:  # noqa: BLE001 (the bench reports every failure in the table)
+            if strict:
+                raise
+            out[feature] = Cell("failed", f"{type(error).__name__}: {str(error).splitlines()[0][:100]}")
         if on_cell:
             on_cell(name, feature, out[feature], time.perf_counter() - start)
     return out
@@ -486,13 +492,13 @@ def calibration_folder():
         shutil.rmtree(path, ignore_errors=True)
 
 
-def run(names=None, features=None, on_cell=None, quick=False):
+def run(names=None, features=None, on_cell=None, quick=False, strict=True):
     from bench import families, host
     host.boot()
     torch.set_num_threads(1)
     names = names or [f.name for f in families.FAMILIES]
     with calibration_folder():
-        return {name: run_family(name, features, on_cell, quick) for name in names}
+        return {name: run_family(name, features, on_cell, quick, strict) for name in names}
 
 
 def merged_text(cells):
@@ -557,7 +563,7 @@ def main(argv=None):
         return
     names = [n.strip() for n in args.families.split(",")] if args.families else None
     results = run(names, on_cell=lambda n, f, c, s: print(f"{n:18s} {f:40s} {s:5.1f}s {c.text()}",
-                                                          file=sys.stderr), quick=args.quick)
+                                                          file=sys.stderr), quick=args.quick, strict=False)
     table = markdown(results)
     print(table)
     if args.json:
