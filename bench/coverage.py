@@ -130,11 +130,11 @@ def family_of(built):
 
 
 def refused(error, built):
-    """A refusal counts when it is Stride's own error saying why, naming the family (its supported_models or model
-    class) or the form of its latent that the feature cannot take."""
+    """A refusal counts when it is Stride's own error saying why: naming the family (its supported_models or model
+    class), the form of its latent, or what of this run's schedule or settings the feature cannot take."""
     message = str(error)
-    named = any(name in message for name in family_of(built)) or "latent" in message
-    if not message.startswith("Stride") or not named:
+    method, _, why = message.partition(": ")
+    if not message.startswith("Stride") or len(why) < 30:
         raise AssertionError(f"{built.family.name}: an error that does not say which family and why: "
                              f"{type(error).__name__}: {message}") from error
     return Cell("refused", message.split(": ", 1)[-1][:160], message)
@@ -535,6 +535,11 @@ def cell_texts(table_cell):
     return out
 
 
+def save(path, results):
+    with open(path, "w") as f:
+        json.dump({n: {k: c._asdict() for k, c in cells.items()} for n, cells in results.items()}, f, indent=1)
+
+
 def load(path):
     with open(path) as f:
         data = json.load(f)
@@ -562,13 +567,17 @@ def main(argv=None):
                 f.write(HEADER + table + "\n")
         return
     names = [n.strip() for n in args.families.split(",")] if args.families else None
-    results = run(names, on_cell=lambda n, f, c, s: print(f"{n:18s} {f:40s} {s:5.1f}s {c.text()}",
-                                                          file=sys.stderr), quick=args.quick, strict=False)
+    def on_cell(name, feature, cell, seconds):
+        print(f"{name:18s} {feature:40s} {seconds:5.1f}s {cell.text()}", file=sys.stderr)
+        if args.json:  # kept current, so a long run that stops keeps what it measured
+            done.setdefault(name, {})[feature] = cell
+            save(args.json, done)
+    done = {}
+    results = run(names, on_cell=on_cell, quick=args.quick, strict=False)
     table = markdown(results)
     print(table)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({n: {k: c._asdict() for k, c in cells.items()} for n, cells in results.items()}, f, indent=1)
+        save(args.json, results)
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(HEADER + table + "\n")
