@@ -21,8 +21,8 @@ def build(solve, noises, sigmas, key_step, value_step):
 def retrieve(query, keys, values, neighbours=8, residual_scale=0.0, ridge=1e-6, stats=None):
     """Per query row: the `neighbours` nearest keys (L2), weights w = argmin |sum_j w_j key_j - query|^2
     (+ ridge |w|^2 for near-duplicate keys), and sum_j w_j value_j, ReDi's retrieved state. residual_scale > 0
-    (Stride's option) adds residual_scale (query - sum_j w_j key_j): the part of the query the keys do not explain,
-    carried forward as the PF-ODE carries noise at high noise levels. stats["explained"]: per row, the share
+    (Stride's addition, its node's default) adds residual_scale (query - sum_j w_j key_j): the part of the query
+    the keys do not explain, carried forward as the PF-ODE carries noise at high noise levels. stats["explained"]: per row, the share
     1 - |query - sum_j w_j key_j|^2 / |query|^2 of the query the keys explain (near 0: retrieval is a guess)."""
     flat = query.double().flatten(1)
     n = min(neighbours, len(keys))
