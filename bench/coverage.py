@@ -586,7 +586,8 @@ def main(argv=None):
 HEADER = """# Stride on every model family ComfyUI ships
 
 Printed by `python -m bench.coverage` (tiny random-weight models built through `comfy.supported_models`, 4 steps,
-batch 1, on CPU; see bench/families.py and bench/coverage.py). A cell says what the feature did on that family:
+8 for the cache plan and the Bottleneck sampler, cfg 3, batch 1, on CPU; the settings of each column are in
+bench/coverage.py, the models in bench/families.py). A cell says what the feature did on that family:
 *engaged* with what was measured (block evaluations or model calls answered from a cache, unconditional passes
 skipped, calls made by the small model, fitted schedules and solvers used), *whole calls* where a block cache found no
 block to replace (the log says why) and cached whole model calls, *refused* with Stride's error saying why. Where

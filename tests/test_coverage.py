@@ -70,7 +70,7 @@ def test_cell_engages_or_says_why(folder, name, feature):
         cell = measured(name, feature)
     assert cell.status in ("engaged", "whole-call", "refused"), cell
     if feature in BLOCK_FEATURES:
-        unet = coverage.node("StrideStepCache") and families.BY_NAME[name].note.startswith("UNet")
+        unet = hasattr(families.build(name).model.model.diffusion_model, "input_blocks")  # SD-style UNet
         if unet and feature == "step cache (first block)":
             assert cell.status == "refused" and "UNet" in cell.measure, cell
         elif (unet or looks_up_dit_blocks(name) or (feature == "cache plan" and names_its_attention(name))) \
