@@ -8,8 +8,8 @@ models and "simple" for the flow models, at 4, 6 and 10 steps, for base scales 5
 sampler), plus 30 steps for constant CFG (the RAAG paper's comparison: 10-step RAAG vs 30-step CFG) and for RAAG
 and no guidance (to show what they converge to). Methods, each built through its node's execute:
 - cfg: constant CFG, no patch;
-- raag w=cfg: StrideRAAG with max_guidance = the base scale, alpha at the node default 8;
-- raag 18/12: StrideRAAG at its node defaults (max_guidance 18, alpha 12); it replaces the sampler's cfg, so it is
+- raag w=cfg: StrideRAAG with max_guidance = the base scale, alpha at the node default (144, on the squared RATIO);
+- raag 18/144: StrideRAAG at its node defaults (max_guidance 18, alpha 144); it replaces the sampler's cfg, so it is
   run once per model and compared with both base scales;
 - linear, cosine, interval, clamp_linear: StrideCFGSchedule around the base scale, every option at the node's
   default (interval 0.2-0.8 of the progress) except clamp_linear's floor, 2 (Wang et al.'s choice);
@@ -44,8 +44,8 @@ ORACLE_TARGET = 2000  # exact conditional samples (200 per digit) the oracles' F
 REFERENCE_STEPS = 30
 SAMPLER = "euler"
 SCHEDULES = {"linear": {}, "cosine": {}, "interval": {}, "clamp_linear": {"floor": 2.0}}
-METHODS = ("cfg", "raag w=cfg", "raag 18/12", *SCHEDULES, "no guidance")
-SCALE_FREE = {"raag 18/12": "w_max 18", "no guidance": "1"}  # run once per model; what the base cfg column shows
+METHODS = ("cfg", "raag w=cfg", "raag 18/144", *SCHEDULES, "no guidance")
+SCALE_FREE = {"raag 18/144": "w_max 18", "no guidance": "1"}  # run once per model; what the base cfg column shows
 
 
 def node_defaults(node):
@@ -201,8 +201,8 @@ def main():
     for name, rows in results.items():
         print(table(name, rows, images) + "\n")
     print("evals / image: model evaluations counted inside the model, a conditional and an unconditional pass "
-          "counting 2 (the papers' NFE is the conditional count). raag 18/12: the node defaults (max_guidance 18, "
-          "alpha 12), independent of the base cfg; raag w=cfg: max_guidance = the base cfg. no guidance: cfg 1. FD lower is better; the "
+          "counting 2 (the papers' NFE is the conditional count). raag 18/144: the node defaults (max_guidance 18, "
+          "alpha 144 on the squared RATIO), independent of the base cfg; raag w=cfg: max_guidance = the base cfg. no guidance: cfg 1. FD lower is better; the "
           "first row is its floor at this sample size. Log-lik: under the exact conditional mixture at the model's "
           "sigma_min; it rewards mode-seeking (strong guidance, blurred few-step samples score above exact samples), "
           "so higher is not simply better. Seconds: CPU, one thread, a shared 2-core machine (noisy).\n")

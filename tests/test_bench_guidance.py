@@ -19,7 +19,7 @@ def test_measure_counts_and_scores_every_method(stride):
     # The simple flow schedule at 4 steps evaluates at progress 0, 0.25, 0.5, 0.75: the ramps have scale 1 (no
     # unconditional pass) at the first step only, the 0.2-0.8 interval guides the last three, clamp_linear
     # (floor 2) and RAAG (which needs the unconditional pass) never skip it; no guidance (cfg 1) always does.
-    expected = {"cfg": 8, "raag w=cfg": 8, "raag 18/12": 8, "linear": 7, "cosine": 7, "interval": 7,
+    expected = {"cfg": 8, "raag w=cfg": 8, "raag 18/144": 8, "linear": 7, "cosine": 7, "interval": 7,
                 "clamp_linear": 8, "no guidance": 4}
     assert {m: by[(m, 4)]["evals_per_image"] for m in expected} == expected
     assert by[("cfg", 4)]["cond_passes"] == 4 and by[("cfg", guidance.REFERENCE_STEPS)]["evals_per_image"] == 60
