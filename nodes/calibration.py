@@ -87,6 +87,7 @@ def start_state(x_max, start, noise, latent, base_model, denoiser, param, sigma_
     return sample_unipc(denoiser, x_max, grid, param=param, order=3, variant="bh2")
 
 
+ESTIMATE_AFTER = 3  # evaluations whose median time makes the cost estimate
 LOG_EVERY_S = 10.0  # how often a long calibration logs its remaining time
 
 
@@ -105,15 +106,24 @@ def calibrate(model, positive, negative, latent, cfg, seed, samples, budget, lab
         budget += CARRY_POINTS
     pbar = comfy.utils.ProgressBar(max(int(budget), 1))
     result = {}
-    clock = {"start": None, "logged": 0.0}
+    marks = []  # (time, evaluations done) at each evaluation's start
+    clock = {"per": None, "logged": 0.0}
 
     def progress(done, total):
         comfy.model_management.throw_exception_if_processing_interrupted()
         pbar.update_absolute(min(int(done), pbar.total))
         now = time.perf_counter()
-        if clock["start"] is not None and done and now - clock["logged"] >= LOG_EVERY_S:
+        marks.append((now, done))
+        if clock["per"] is None and len(marks) > ESTIMATE_AFTER:
+            # the first evaluation of a model is often far slower (allocations, caches): the median of the first few
+            units = [d1 - d0 for (_, d0), (_, d1) in zip([(0.0, 0.0)] + marks, marks)]  # each evaluation's size
+            rates = sorted((t1 - t0) / max(u, 1e-9) for (t0, _), (t1, _), u in zip(marks, marks[1:], units))
+            clock["per"], clock["logged"] = rates[len(rates) // 2], now
+            logging.info("Stride %s: about %.0f s in all (an evaluation takes %.2f s, the median of the first %d)",
+                         label, clock["per"] * pbar.total, clock["per"], ESTIMATE_AFTER)
+        elif clock["per"] is not None and now - clock["logged"] >= LOG_EVERY_S:
             clock["logged"] = now
-            left = (now - clock["start"]) / done * max(pbar.total - done, 0)
+            left = (now - marks[0][0]) / max(done - marks[0][1], 1e-9) * max(pbar.total - done, 0)
             logging.info("Stride %s: %d of about %d model evaluations, about %.0f s to go", label, done, pbar.total,
                          left)
 
@@ -135,14 +145,9 @@ def calibrate(model, positive, negative, latent, cfg, seed, samples, budget, lab
             return out.to(x_.dtype)
         counted = Counted(guided, batch, budget if capped else None, progress)
         counted.inner_model = model_k.inner_model  # Stride samplers read the model's parameterization here
-        guided(x, sigmas[:1].expand(x.shape[0]))  # a cold first call (allocations, caches): not timed, not counted
-        began = time.perf_counter()
-        counted(x, sigmas[:1].expand(x.shape[0]))  # one timed warm evaluation: the cost estimate
-        per_call = time.perf_counter() - began
-        logging.info("Stride %s: calibration of %s %d model evaluations on a batch of %d, about %.0f s "
-                     "(one warm evaluation took %.2f s)", label, "up to" if capped else "about", budget, x.shape[0],
-                     budget * per_call, per_call)
-        clock["start"] = clock["logged"] = began
+        logging.info("Stride %s: calibration of %s %d model evaluations on a batch of %d; the time it takes follows "
+                     "after the first %d", label, "up to" if capped else "about", budget, x.shape[0], ESTIMATE_AFTER)
+        counted(x, sigmas[:1].expand(x.shape[0]))  # the model's first, cold evaluation (counted)
 
         def run(name, sigmas_, x_):
             sampler = comfy.samplers.sampler_object(name)
@@ -161,8 +166,7 @@ def calibrate(model, positive, negative, latent, cfg, seed, samples, budget, lab
     comfy.sample.sample_custom(model, noise, cfg, comfy.samplers.KSAMPLER(sampler_fn), sigmas, positive, negative,
                                latent_image, seed=seed, disable_pbar=True)
     seconds = time.perf_counter() - began
-    logging.info("Stride %s: calibration done: %g model evaluations (and one untimed warm-up) in %.1f s", label,
-                 result["calls"], seconds)
+    logging.info("Stride %s: calibration done: %g model evaluations in %.1f s", label, result["calls"], seconds)
     return result["value"], result["calls"], seconds
 
 
