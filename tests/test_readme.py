@@ -1,0 +1,47 @@
+"""The README is a user's guide: short, every link leads somewhere, and each number it quotes is in the table of
+the benchmark run it cites (docs/, printed by the bench programs)."""
+import os
+import re
+
+from bench import host
+
+README = open(os.path.join(host.REPO, "README.md"), encoding="utf-8").read()
+
+
+def docs(name):
+    with open(os.path.join(host.REPO, "docs", name), encoding="utf-8") as f:
+        return f.read()
+
+
+def table_rows(text, first, second):
+    return [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()
+            if line.startswith(f"| {first} | {second} |")]
+
+
+def test_short_enough_to_read():
+    assert len(README.splitlines()) <= 300
+
+
+def test_every_link_and_picture_exists():
+    targets = re.findall(r"\]\(((?:docs|example_workflows)/[^)#]+)\)", README)
+    assert targets
+    missing = [t for t in targets if not os.path.exists(os.path.join(host.REPO, t))]
+    assert not missing, missing
+
+
+def test_the_numbers_of_which_node_when_come_from_the_runs_they_cite():
+    # "about 0.6x heun's error": FlowTurbo's median error ratio over heun, oracle and networks
+    assert "about 0.6x heun's error" in README
+    (row,) = {tuple(r) for r in table_rows(docs("bench_solvers.md"), "stride_flowturbo", "heun")}
+    assert round(float(row[3]), 1) == round(float(row[5]), 1) == 0.6
+    # "x1.5-1.8 wall time ... ahead of EasyCache at equal error": the caches' equal-error comparison
+    assert "x1.5-1.8 wall time" in README
+    speeds = [float(x) for x in re.findall(r"x(\d\.\d+) at error", docs("bench_accel.md").split("## The run")[0])]
+    assert speeds and 1.5 <= min(s for s in speeds if s >= 1.5) and max(speeds) < 1.85
+    # "does not pay" rows and stride_ddim_dualfast's "every setting measured": no loss against euler
+    (dual,) = {tuple(r) for r in table_rows(docs("bench_solvers.md"), "stride_ddim_dualfast", "euler")}
+    assert dual[2].endswith("/ 0") and dual[4].endswith("/ 0")
+
+
+def test_the_tested_versions_are_a_range_with_both_ends():
+    assert "ComfyUI 0.3.75 through 0.33.0" in README
