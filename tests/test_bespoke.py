@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import comfy.k_diffusion.sampling as kds
-import comfy.sample
 import comfy.samplers
+from test_calibrated import demo, sample
 
 LABELS = torch.tensor([0, 3, 5, 8])
 RANGES = {False: (0.0292, 14.6), True: (0.01, 1.0)}
@@ -123,7 +123,7 @@ def test_text_round_trip(m, base):
     with pytest.raises(ValueError, match="not a Bespoke solver text"):
         m.bespoke.Bespoke.from_text('{"stride_schedule": 1}')
     with pytest.raises(ValueError, match="fitted for 4 steps, this run has 5"):
-        run_5 = m.bespoke.sample_bespoke(d, x, schedule(m, True, 5), solver=solver)  # noqa: F841
+        m.bespoke.sample_bespoke(d, x, schedule(m, True, 5), solver=solver)
 
 
 # (flow, base, steps): (calibration noises, half of them held out; iterations; bound on the held-out error ratio to
@@ -156,18 +156,6 @@ def test_a_fit_no_better_than_its_base_is_refused(m):
 
 
 # --- in the real ComfyUI --------------------------------------------------------------------------------------------
-
-def demo(node_class, name):
-    with torch.inference_mode():
-        return node_class("StrideDemoModel").execute(name, "0123456789", 1, 1.0, False).result
-
-
-def sample(model, pos, neg, latent, sampler, sigmas, cfg=3.0):
-    noise = comfy.sample.prepare_noise(latent["samples"], 11)
-    with torch.inference_mode():
-        return comfy.sample.sample_custom(model, noise, cfg, sampler, sigmas, pos, neg, latent["samples"], seed=11,
-                                          disable_pbar=True)
-
 
 def calibrate(node_class, model, pos, neg, latent, scheduler, steps, base="rk1", iterations=25, samples=8, lr=0.05):
     with torch.inference_mode():
