@@ -191,3 +191,27 @@ def test_fingerprints_take_tensors_of_real_model_size(stride):
     first = digest([big])
     big[-1] = 1.0
     assert digest([big]) != first  # the last value is among the sampled ones
+
+
+def test_the_step_cache_runs_on_a_packed_latent(stride, node_class):
+    """Audio+video latents reach the model packed flat ([B, 1, N]): the step cache keys, measures and reuses them as
+    any other latent (a reused call gives the packed shape back, from the last computed slope)."""
+    cache_mod = stride("nodes.cache")
+    ms = demo(node_class, "dit_small", "3")[0].get_model_object("model_sampling")
+    test = stride("samplers.cache").ReuseTest(10.0, 0.0, 1.0, 5, accumulate=True)
+    cache = cache_mod.Cache("step cache", [], cache_mod.AdaptivePolicy(test, "input"))
+
+    class Executor:
+        class_obj = type("BaseModel", (), {"model_sampling": ms})()
+
+        def __call__(self, x, t, *args, **kwargs):
+            return x * 0.5
+
+    run = cache.new_run({})
+    options = {cache.runs.key: run, "cond_or_uncond": [0], "uuids": ["u"]}
+    x = torch.randn(2, 1, 4 * 8 * 8)
+    first = cache.apply_model(Executor(), x, torch.tensor([0.8, 0.8]), transformer_options=options)
+    second = cache.apply_model(Executor(), x * 0.99, torch.tensor([0.7, 0.7]), transformer_options=options)
+    assert run.call_hits == 1 and second.shape == x.shape == first.shape
+    slope = (x - first) / 0.8
+    torch.testing.assert_close(second, x * 0.99 - 0.7 * slope)
