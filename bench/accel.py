@@ -23,6 +23,7 @@ import time
 import torch
 
 from . import host
+from .host import node
 from .common import ModelSetup, fresh_calibration_store, parser, write_json
 
 SCHEDULER = {"unet": "karras", "dit": "simple"}
@@ -53,11 +54,6 @@ class LogTail(logging.Handler):
             found = re.search(pattern, message)
             if found:
                 self.last[family] = found.groups()
-
-
-def node(name):
-    import nodes
-    return nodes.NODE_CLASS_MAPPINGS[name]
 
 
 class Setup(ModelSetup):

@@ -21,6 +21,8 @@ from typing import NamedTuple
 
 import torch
 
+from .host import node
+
 STEPS = 4
 CFG = 3.0
 SEED = 7
@@ -77,11 +79,6 @@ def captured():
     finally:
         root.removeHandler(logs)
         root.setLevel(level)
-
-
-def node(name):
-    import nodes
-    return nodes.NODE_CLASS_MAPPINGS[name]
 
 
 def ksampler(built, model=None, sampler="euler", scheduler="simple", steps=STEPS, cfg=CFG):

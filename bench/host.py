@@ -60,6 +60,13 @@ def stride(module):
     return importlib.import_module(f"{_pack_module_name()}.{module}")
 
 
+def node(name):
+    """A node class as ComfyUI registered it, e.g. node('StrideStepCache')."""
+    boot()
+    import nodes
+    return nodes.NODE_CLASS_MAPPINGS[name]
+
+
 class _Server:
     """The few PromptServer members that PromptExecutor uses."""
     client_id = None

@@ -23,6 +23,7 @@ import time
 import torch
 
 from . import host
+from .host import node
 from .common import fresh_calibration_store, parser, write_json
 
 SAMPLERS = ["stride_dpmpp_2m", "stride_dpmpp_3m", "stride_unipc", "stride_unipc_bh2", "stride_ddim_dualfast",
@@ -152,11 +153,6 @@ def call_seconds(bench):
     counter.reset()
     bench.run(counted)
     return counter.seconds / max(counter.cond, 1)
-
-
-def node(name):
-    import nodes
-    return nodes.NODE_CLASS_MAPPINGS[name]
 
 
 def cache_of(model):

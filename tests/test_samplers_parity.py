@@ -8,32 +8,7 @@ import torch
 import comfy.k_diffusion.sampling as K
 import comfy.model_sampling
 
-LABELS = torch.tensor([0, 3, 7, 9])
-
-
-@pytest.fixture(scope="module")
-def m(stride):
-    class Modules:
-        core = stride("samplers.core")
-        multistep = stride("samplers.multistep")
-        momentum = stride("samplers.momentum")
-        mixture = stride("nodes.oracle_model").load_mixture()
-    return Modules
-
-
-def oracle(m, flow, cfg=3.0):
-    def denoise(x, sigma, **_):
-        sigma = torch.as_tensor(sigma, dtype=torch.float64)
-        return m.mixture.guided_denoise(x, sigma, 1 - sigma if flow else torch.ones_like(sigma), LABELS, cfg)
-    return denoise
-
-
-def noise(seed=0):
-    return torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-
-def rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
+from test_samplers_math import m, noise, oracle, rel  # noqa: F401 (m: the solver modules fixture)
 
 
 def schedule(flow, n, final_zero=True):
@@ -141,7 +116,7 @@ def hb_2m_reference(d, x, sigmas, param, beta):
 @pytest.mark.parametrize("beta", [0.5, 0.8])
 def test_heavy_ball_on_2m_matches_the_reference(m, flow, beta):
     """Momentum on the 2M update only: the first-order warm-up step neither uses nor seeds v."""
-    sigmas, d = schedule(flow, 8), oracle(m, flow)
+    sigmas, d = schedule(flow, 8), oracle(m, flow, 3.0)
     param = m.core.FLOW if flow else m.core.VE
     x = noise() * sigmas[0] if not flow else noise()
     theirs = hb_2m_reference(d, x, sigmas, param, beta)
@@ -182,7 +157,7 @@ def ghvb_reference(d, x, sigmas, q):
 def test_fractional_ghvb_matches_the_reference(m, flow, q):
     """On a schedule ending above 0 (the reference steps to 0 with the velocity mix; Stride takes a final denoise
     there instead, as every Stride sampler does)."""
-    sigmas, d = schedule(flow, 8, final_zero=False), oracle(m, flow)
+    sigmas, d = schedule(flow, 8, final_zero=False), oracle(m, flow, 3.0)
     x = noise() * sigmas[0] if not flow else noise()
     theirs = ghvb_reference(d, x, sigmas, q)
     assert rel(m.momentum.sample_ghvb(d, x, sigmas, order=q), theirs) < 1e-12
