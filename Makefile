@@ -10,7 +10,7 @@ PY33    := .venv-0.33/bin/python
 COMFY33 := .comfyui/ComfyUI-0.33.0
 TARBALL := ../shared/comfyui/ComfyUI-0.33.0.tar.gz
 
-.PHONY: demo test test-0.3.75 test-0.33 bench bench-accel setup setup-0.33 browser clean
+.PHONY: demo test test-0.3.75 test-0.33 bench bench-accel bench-autotune setup setup-0.33 browser clean
 
 demo: setup
 	$(PY) -m bench.demo
@@ -37,6 +37,10 @@ bench: setup  # the full sampler benchmark, one model family per run, then the m
 bench-schedules: setup  # schedule optimizers vs ComfyUI's schedulers and the AYS/GITS tables (docs/bench_schedules.md)
 	mkdir -p bench/out
 	$(PY) -m bench.schedules --json bench/out/schedules.json
+
+bench-autotune: setup  # Autotune vs the best built-in on noises it never saw (docs/bench_autotune.md)
+	mkdir -p bench/out
+	$(PY) -m bench.autotune --json bench/out/autotune.json
 
 bench-accel: setup  # caches and T-Stitch vs the uncached model, EasyCache and LazyCache (docs/bench_accel.md)
 	mkdir -p bench/out

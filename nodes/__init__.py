@@ -1,5 +1,5 @@
 """ComfyUI adapters: thin nodes that read ComfyUI objects and call Stride's math."""
-from . import accel, bespoke, calibrated, compare, demo, guidance, samplers, schedules, structural
+from . import accel, autotune, bespoke, calibrated, compare, demo, guidance, samplers, schedules, structural
 
 NODES = [*demo.NODES, *samplers.NODES, *guidance.NODES, *compare.NODES, *schedules.NODES, *calibrated.NODES,
-         *structural.NODES, *accel.NODES, *bespoke.NODES]
+         *structural.NODES, *accel.NODES, *bespoke.NODES, *autotune.NODES]

@@ -23,6 +23,9 @@ NOTE_SIZE = [560, 150]
 REAL_MODEL = ("For a real model: replace the demo loader with your checkpoint loader and text encoders, and use "
               "the latent size you render at.")
 NOTES = {
+    "stride_autotune": "Autotune: the best sampler x schedule, learned schedule or solver fitted to your model at "
+                       "the model evaluations you pay (nfe), judged on held-out noises; its report lists every "
+                       "candidate. " + REAL_MODEL + " Then widen its expert lists (samplers, schedulers, methods).",
     "stride_bottleneck_dit": "Bottleneck sampling: the first and last steps at full size, the middle ones at half "
                              "size, so the model does less work per step. " + REAL_MODEL,
     "stride_cache_plan_dit": "Cache plan (InvarDiff): the calibrate node measures which blocks change least on your "
