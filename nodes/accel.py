@@ -215,13 +215,7 @@ def plan_text(fp, sampler_name, call_sigmas, plan, error):
 def parse_plan(text):
     if not (text or "").strip():
         raise ValueError("Stride cache plan: no plan given; connect the calibrate node's plan output or paste its text")
-    try:
-        data = json.loads(text)
-    except (json.JSONDecodeError, TypeError) as e:
-        raise ValueError(f"Stride cache plan: the plan text is not valid JSON ({e}); paste the text the calibrate "
-                         "node wrote") from None
-    if not isinstance(data, dict) or data.get("stride_cache_plan") != PLAN_VERSION:
-        raise ValueError("Stride cache plan: not a Stride cache plan of this version; recalibrate")
+    data = store.parse_text(text, "stride_cache_plan", PLAN_VERSION, "cache plan", "cache plan")
     return data, Plan.from_json(data)
 
 

@@ -287,13 +287,7 @@ def winner_text(winner, fp_id, cfg, nfe):
 
 def from_text(text):
     """(SAMPLER, SIGMAS, data) of an Autotune text."""
-    try:
-        data = json.loads(text)
-    except (json.JSONDecodeError, TypeError) as e:
-        raise ValueError(f"Stride Autotune: the text is not valid JSON ({e}); paste the text the Autotune node "
-                         "wrote") from None
-    if not isinstance(data, dict) or data.get("stride_autotune") != TEXT_VERSION:
-        raise ValueError("Stride Autotune: not an Autotune text of this version; run Autotune again")
+    data = store.parse_text(text, "stride_autotune", TEXT_VERSION, "Autotune", "Autotune", "run Autotune again")
     sigmas = torch.tensor(data["sigmas"], dtype=torch.float32)
     if data["calibration"] is not None:
         method = data["sampler"]

@@ -41,14 +41,7 @@ def calibration_text(method, fp, sigmas, cfg, options, values):
 
 def parse_calibration(text, method):
     """The calibration dict of a calibration text, checked for its method and format."""
-    try:
-        data = json.loads(text)
-    except (json.JSONDecodeError, TypeError) as e:
-        raise ValueError(f"Stride {METHODS[method]}: the calibration text is not valid JSON ({e}); paste the text "
-                         "the calibrate node wrote") from None
-    if data.get("stride_calibration") != TEXT_VERSION:
-        raise ValueError(f"Stride {METHODS[method]}: not a Stride calibration of this version "
-                         f"({data.get('stride_calibration')!r}, expected {TEXT_VERSION}); recalibrate")
+    data = store.parse_text(text, "stride_calibration", TEXT_VERSION, METHODS[method], "calibration")
     if data.get("method") != method:
         raise ValueError(f"Stride {METHODS[method]}: this is a {data.get('method')} calibration, not {method}")
     return data

@@ -144,3 +144,18 @@ def find(method, settings, fp):
 def mismatch(stored, fp):
     """The fingerprint parts that differ ('' when the model matches)."""
     return ", ".join(k for k in fp if k != "id" and stored.get(k) != fp[k])
+
+
+def parse_text(text, key, version, label, name, redo="recalibrate"):
+    """The dict of a Stride text (a calibration, plan or Autotune result: one line of JSON tagged {key: version}),
+    with a clear error for text that is not JSON or not of this version."""
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, TypeError) as e:
+        raise ValueError(f"Stride {label}: the {name} text is not valid JSON ({e}); paste the text the node wrote") \
+            from None
+    got = data.get(key) if isinstance(data, dict) else None
+    if got != version:
+        raise ValueError(f"Stride {label}: not a Stride {name} of this version ({got!r}, expected {version}); {redo}")
+    return data
+
