@@ -83,7 +83,7 @@ def measure(plan, mode):
                 winner = json.loads(text)
                 rows.append({"model": name, "cfg": cfg, "nfe": nfe, "winner": winner["label"], "kind": winner["kind"],
                              "error": float(err.mean()) if counter.nfe <= nfe else math.inf,
-                             "counted_nfe": counter.nfe, "held_out_error": winner["held_out_error"],
+                             "counted_nfe": counter.nfe, "tune_error": winner["error"],
                              "best_builtin": label, "builtin_error": base, "best_at_10": at_ten[0],
                              "error_at_10": at_ten[1], "tune_evaluations": info["evaluations"],
                              "tune_seconds": round(seconds, 1), "bespoke": bespoke_vs_base(info["rows"])})

@@ -35,6 +35,7 @@ STRIDE = ("stride_unipc_bh2", "stride_dpmpp_3m", "stride_ghvb", "stride_ddim_dua
 METHODS = ("stride", "ld3", "iia", "bespoke", "dpm_solver_v3", "dc_solver")
 LABELS = {"iia": "IIA (DPM-Solver++ 2M)", "bespoke": "Bespoke", "ld3": "LD3 schedule", "dpm_solver_v3":
           "DPM-Solver-v3", "dc_solver": "DC-Solver (UniPC)", "stride": "Stride sampler"}
+UNFITTED = ("built-in", "stride")  # candidates that learn nothing from the noises: judged on all of them
 OPTIONS = {"iia": {"base": "dpmpp_2m", "target": "reference"}, "dc_solver": {"solver": "unipc"},
            "dpm_solver_v3": {"statistics": "per_channel"}}
 
@@ -50,14 +51,15 @@ class Candidate:
     nfe: float = math.nan   # model evaluations per image, counted
     cost: float = 0.0       # model evaluations of the calibration batch spent fitting it
     errors: torch.Tensor = None  # per held-out image
+    unseen: torch.Tensor = None  # per image it was not fitted on: every noise for built-ins and Stride's samplers
     status: str = "ok"
 
     @property
     def error(self):
-        return float(self.errors.mean()) if self.errors is not None else math.inf
+        return float(self.unseen.mean()) if self.unseen is not None else math.inf
 
     def row(self):
-        e = self.errors
+        e = self.unseen
         stats = ([float(e.mean()), float(e.median()), float(e.max())] if e is not None else [math.nan] * 3)
         return {"label": self.label, "kind": self.kind, "nfe": self.nfe, "cost": round(self.cost, 2),
                 "error": stats[0], "median": stats[1], "worst": stats[2], "status": self.status}
@@ -76,11 +78,11 @@ def significant(gain):
 
 
 def select(candidates, nfe):
-    """The winner among the candidates that fit the NFE and did not diverge: the best built-in (lowest mean held-out
-    error), unless others beat it on the same held-out noises significantly (paired gains, see `significant`: with
-    many candidates and few noises the lowest mean alone often wins by chance), then the lowest mean among those.
-    When every candidate diverged, the lowest mean error anyway (logged)."""
-    fits = [c for c in candidates if c.errors is not None and c.nfe <= nfe + 1e-6]
+    """The winner among the candidates that fit the NFE and did not diverge: the best built-in (lowest mean error over
+    every noise: it fits nothing), unless others beat it on the same held-out noises significantly (paired gains, see
+    `significant`: with many candidates and few noises the lowest mean alone often wins by chance), then the lowest
+    mean among those. When every candidate diverged, the lowest mean error anyway (logged)."""
+    fits = [c for c in candidates if c.unseen is not None and c.nfe <= nfe + 1e-6]
     if not fits:
         raise ValueError(f"Stride Autotune: no candidate ran within {nfe} model evaluations; raise the NFE or list "
                          "other samplers")
@@ -113,7 +115,6 @@ class Tuner:
         self.share = len(self.fit_rows) / ctx.x.shape[0]
         self.teacher = bespoke.Teacher(ctx.denoiser, ctx.x, ctx.sigma_max, ctx.sigma_min, ctx.param.flow, REF_POINTS,
                                        REF_REFINE)
-        self.reference = self.teacher.output[self.held_rows]
         self.fit_ctx = dataclasses.replace(ctx, x=ctx.x[self.fit_rows], x_max=ctx.x[self.fit_rows])
         self.candidates = []
 
@@ -126,11 +127,12 @@ class Tuner:
         as the batch's first rows, which the held-out rows are not."""
         before = self.ctx.denoiser.calls
         try:
-            out = run(self.ctx.x)[self.held_rows]
-            candidate.errors = relative_rmse(out, self.reference)
-            candidate.status = judge(candidate.errors)
+            errors = relative_rmse(run(self.ctx.x), self.teacher.output)
         except SampleNotFinite:
-            candidate.errors, candidate.status = torch.full((len(self.held_rows),), math.inf), "diverged"
+            errors = torch.full((len(self.ctx.x),), math.inf)
+        candidate.errors = errors[self.held_rows]
+        candidate.unseen = errors if candidate.kind in UNFITTED else candidate.errors
+        candidate.status = judge(candidate.unseen)
         candidate.nfe = round(self.ctx.denoiser.calls - before, 3)
         return candidate
 
@@ -282,7 +284,7 @@ def winner_text(winner, fp_id, cfg, nfe):
     return json.dumps({"stride_autotune": TEXT_VERSION, "model": fp_id, "cfg": cfg, "nfe": nfe,
                        "label": winner.label, "kind": winner.kind, "sampler": winner.sampler,
                        "sigmas": [float(s) for s in winner.sigmas], "calibration": winner.calibration,
-                       "held_out_error": winner.error})
+                       "error": winner.error})
 
 
 def from_text(text):
@@ -301,10 +303,11 @@ def from_text(text):
 
 def report_table(rows, winner_label, nfe, cfg, calls, seconds):
     """Markdown: every candidate, best held-out error first."""
-    lines = [f"Autotune at {nfe} model evaluations per image, cfg {cfg}: errors on the held-out calibration noises "
-             "against a fine reference solve (RMSE in units of the reference's std; mean, median and worst image).",
+    lines = [f"Autotune at {nfe} model evaluations per image, cfg {cfg}: errors against a fine reference solve on the "
+             "calibration noises a candidate was not fitted on (all of them for built-in and Stride samplers, the "
+             "held-out half for fitted ones); RMSE in units of the reference's std: mean, median and worst image.",
              f"Calibration: {calls:.0f} model evaluations of the batch in {seconds:.1f} s.", "",
-             "| | candidate | kind | NFE | held-out error | median | worst | fit cost | status |",
+             "| | candidate | kind | NFE | error | median | worst | fit cost | status |",
              "|---|---|---|---|---|---|---|---|---|"]
     order = sorted(rows, key=lambda r: (r["status"] != "ok", r["error"] if math.isfinite(r["error"]) else math.inf))
     for r in order:
