@@ -12,6 +12,7 @@ from ..samplers.multistep import sample_ddim
 from ..samplers.schedules.common import mse, teacher_trajectory
 from . import calibrated
 from .calibrated import _calibrate, _calibrate_inputs, _sampler_node, parse_floats
+from .cache import family_name
 from .calibration import model_samples
 from .sampler_bridge import sampler_object
 
@@ -70,6 +71,11 @@ def sample_bottleneck_logged(model, x, sigmas, extra_args=None, callback=None, d
     """Bottleneck Sampling high -> low -> high with DDIM in each stage; logs the stages and the compute fraction."""
     _no_mask(extra_args, "Bottleneck")
     stats = {}
+    if x.ndim != 4:  # the refusal names the family (a video or packed latent)
+        base = model.inner_model.model_patcher.model
+        raise ValueError(f"Stride bottleneck: {family_name(base)} samples latents of shape {tuple(x.shape)} (video "
+                         "frames, or audio+video packed flat), and Bottleneck Sampling resizes image latents [batch, "
+                         "channels, height, width] only; use another Stride sampler for this model")
     out = bottleneck.sample_bottleneck(model, x, sigmas, extra_args, callback, disable, param,
                                        scales=(1.0, low_scale, 1.0), fractions=fractions, strengths=strengths,
                                        shifts=shifts, noise_sampler=noise_sampler, stats=stats)
