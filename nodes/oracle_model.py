@@ -25,7 +25,10 @@ PARAMETERIZATIONS = {"eps": comfy.model_base.ModelType.EPS, "flow": comfy.model_
 
 @functools.lru_cache(maxsize=1)
 def load_mixture():
-    return GaussianMixture.load()
+    """The oracle's mixture, loaded once per process. Its tensors are made outside inference mode (ComfyUI runs
+    nodes inside it) so that a later calibration with gradients (LD3, Bespoke) can differentiate through them."""
+    with torch.inference_mode(False):
+        return GaussianMixture.load()
 
 
 def digit_conditioning(labels):

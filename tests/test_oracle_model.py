@@ -152,3 +152,16 @@ def test_foreign_conditioning_is_a_clear_error(oracle_model):
     s = torch.ones(1)
     with pytest.raises(ValueError, match="digit conditioning"):
         patcher.model.apply_model(x, s, c_crossattn=torch.zeros(1, 77, 768), transformer_options={"sigmas": s})
+
+
+def test_the_mixture_loaded_inside_comfyui_stays_differentiable(om):
+    """ComfyUI runs nodes under inference mode; the cached mixture made there must still serve a later calibration
+    with gradients (LD3, Bespoke) in the same process."""
+    om.load_mixture.cache_clear()
+    with torch.inference_mode():
+        mixture = om.load_mixture()
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64, requires_grad=True)
+    sigma = torch.full((2,), 1.0, dtype=torch.float64)
+    out = mixture.guided_denoise(x, sigma, torch.ones(2, dtype=torch.float64), torch.tensor([1, 2]), 3.0)
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
