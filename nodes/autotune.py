@@ -1,8 +1,9 @@
 """Autotune: the best sampler setup for the user's model at the number of model evaluations they pay, chosen by
 measurement. ComfyUI's samplers x schedulers, Stride's samplers, LD3 schedules and solvers fitted to the model
-(IIA, Bespoke, DPM-Solver-v3, DC-Solver) are run on the calibration noises; fitted ones are fitted on the first half
-and every candidate is scored on the held-out second half against one fine reference solve. The winner comes out as
-SAMPLER + SIGMAS, as text that rebuilds it on another machine, and as a report of every candidate."""
+(IIA, Bespoke, DPM-Solver-v3, DC-Solver) are run on the calibration noises against one fine reference solve;
+fitted ones are fitted on the first half and scored on the held-out second half, the others (fitted on nothing) on
+every noise. The winner comes out as SAMPLER + SIGMAS, as text that rebuilds it on another machine, and as a report
+of every candidate."""
 import dataclasses
 import json
 import logging
@@ -26,7 +27,7 @@ from .sampler_bridge import SampleNotFinite, sampler_object
 from .schedules import DIFFERENTIABLE, student_of
 
 TEXT_VERSION = 1
-DIVERGED = 1.0       # a held-out image further than one data std from the reference has diverged
+DIVERGED = 1.0       # an image further than one reference std from the reference has diverged
 REF_POINTS, REF_REFINE = 32, 2  # the reference: Stride's UniPC-3 on 32 log-SNR-spaced sigmas, each cut in 2
 TOP = 2              # the fitted methods and Stride's samplers start from the best built-in schedules, this many
 LD3_ITERATIONS = 60
@@ -66,7 +67,7 @@ class Candidate:
 
 
 def judge(errors):
-    """'ok', or 'diverged' when a held-out image is not finite or further than DIVERGED from the reference."""
+    """'ok', or 'diverged' when an image it is judged on is not finite or further than DIVERGED from the reference."""
     return "ok" if bool(torch.isfinite(errors).all()) and float(errors.max()) <= DIVERGED else "diverged"
 
 
@@ -122,9 +123,9 @@ class Tuner:
         return abs(float(sigmas[0]) - self.ctx.sigma_max) <= 1e-4 * self.ctx.sigma_max
 
     def measure(self, candidate, run):
-        """Run the candidate (run(x) -> sample) and score it on the held-out noises, counting its evaluations per
-        image. It runs on the whole batch: a batch conditioned row by row (several prompts) conditions a sub-batch
-        as the batch's first rows, which the held-out rows are not."""
+        """Run the candidate (run(x) -> sample) and score it (errors: the held-out half; unseen: the noises it was not
+        fitted on), counting its evaluations per image. It runs on the whole batch: a batch conditioned row by row
+        (several prompts) conditions a sub-batch as the batch's first rows, which the held-out rows are not."""
         before = self.ctx.denoiser.calls
         try:
             errors = relative_rmse(run(self.ctx.x), self.teacher.output)
