@@ -24,6 +24,16 @@ def parser(description):
     return p
 
 
+def error_ratio(ours, base):
+    """Our error over a baseline's, for win/loss tables: a failed run of ours (inf) or of the baseline (inf or None:
+    nothing to compare with) counts as a loss (inf), never a win; two exact results tie (1.0)."""
+    if ours is None or base is None or not math.isfinite(ours) or not math.isfinite(base):
+        return math.inf
+    if base == 0:
+        return 1.0 if ours == 0 else math.inf
+    return ours / base
+
+
 def read_merged(paths):
     """The --json outputs at the comma-separated paths merged: plans and lists joined, the last run's record."""
     data = {"plan": {}, "rows": [], "calibrations": []}

@@ -6,15 +6,17 @@
 Models: ComfyUI's SDXL UNet (model channels 320, context 2048) and Flux DiT (hidden 3072, 24 heads) built through
 `comfy.supported_models` at their real width with random weights (so only speed and memory mean anything here:
 quality claims stay with the trained demo models), bf16 where the CPU has bf16 instructions. On the CPU the depth is
-X; `--gpu` builds both at full depth (SDXL 2/2/2 res
+reduced (SDXL: one res block a level, one transformer layer; Flux: one double and one single block) at 512x512
+(64x64 latents); `--gpu` builds both at full depth (SDXL 2/2/2 res
 blocks with 10-deep transformers, Flux-dev's 19 + 38 blocks) at 1024x1024 (128x128 latents) on CUDA. `--quick`
 shrinks whichever mode to a tiny width and latent (CI runs it on the CPU, and the GPU mode's code path with it).
 
 Measured, each beside the same run without Stride in the same process:
 - overhead per step: of each Stride sampler (by its stride_* name) and guidance patch, against ComfyUI's euler,
   with the network's forward skipped (a DIFFUSION_MODEL wrapper answers for it), so what remains is the sampling
-  path itself; of each cache wrapper when nothing is reused, with the real network. Given in ms per step and in
-  percent of one real model call.
+  path itself; of each cache's bookkeeping when nothing is reused (the input-change cache with the forward
+  skipped too, the first-block cache inside the real network's blocks). Given in ms per step and in percent of one
+  real model call.
 - wall-time speedup of the step cache, the first-block cache, the cache plan and T-Stitch (a shallower sibling of
   the same width) at fixed reuse settings, and the bytes of cached tensors each holds per image.
 """
@@ -33,8 +35,8 @@ SAMPLERS = ["stride_dpmpp_2m", "stride_dpmpp_3m", "stride_unipc", "stride_unipc_
 # tokens, steps), the width, and how many times each run is taken (the fastest counts): `repeats` for runs with the
 # forward skipped, `real_repeats` for runs of the real network
 SIZES = {
-    "cpu": {"sdxl": ("reduced", 64, 77, 3), "flux": ((1, 1), (1, 0), 64, 256, 3), "width": "real", "repeats": 3,
-            "real_repeats": 1},
+    "cpu": {"sdxl": ("reduced", 64, 77, 6), "flux": ((1, 1), (1, 0), 64, 256, 6), "width": "real", "repeats": 3,
+            "real_repeats": 2},
     "gpu": {"sdxl": ("full", 128, 77, 8), "flux": ((19, 38), (6, 12), 128, 512, 8), "width": "real", "repeats": 3,
             "real_repeats": 2},
     "quick": {"sdxl": ("reduced", 16, 8, 3), "flux": ((1, 1), (1, 0), 16, 8, 3), "width": "tiny", "repeats": 1,
@@ -131,8 +133,11 @@ class Bench:
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    def paired(self, base, other, repeats, sampler="euler"):
-        """(fastest base run, fastest run of other), taken in turn so both see the same machine load."""
+    def paired(self, base, other, repeats, sampler="euler", warm=False):
+        """(fastest base run, fastest run of other), taken in turn so both see the same machine load; warm: one
+        untimed run of each first (the first run after another patched model loads is often slower)."""
+        if warm:
+            self.run(base), self.run(other, sampler=sampler)
         times = [(self.run(base), self.run(other, sampler=sampler)) for _ in range(repeats)]
         return min(t[0] for t in times), min(t[1] for t in times)
 
@@ -198,14 +203,16 @@ def overheads(bench, call, repeats, real_repeats, log):
                      "ms_per_step": 1e3 * over, "percent_of_call": 100 * over / call,
                      "calls": counter.cond // repeats - 2 * base_calls})  # the pair ran euler too
         log(f"  {bench.label}: {rows[-1]['what']}: {1e3 * over:+.2f} ms/step ({rows[-1]['percent_of_call']:+.2f}%)")
-    caches = [("Stride step cache (input change), nothing reused",
-               node("StrideStepCache").execute(bench.model, 0.0, 0.0, 1.0, 1, "input change").result[0])]
+    # the input-change cache keeps all its bookkeeping outside the network (an APPLY_MODEL wrapper): measured with
+    # the forward skipped, like the samplers; the first-block cache works inside the blocks: with the real network
+    caches = [("Stride step cache (input change), nothing reused", skipped, repeats,
+               node("StrideStepCache").execute(skipped, 0.0, 0.0, 1.0, 1, "input change").result[0])]
     if bench.kind == "flux":
-        caches.append(("Stride step cache (first block residual), nothing reused",
+        caches.append(("Stride step cache (first block residual), nothing reused", bench.model, real_repeats,
                        node("StrideStepCache").execute(bench.model, 0.0, 0.0, 1.0, 1,
                                                          "first block residual").result[0]))
-    for what, model in caches:
-        plain, seconds = bench.paired(bench.model, model, real_repeats)
+    for what, base_model, n, model in caches:
+        plain, seconds = bench.paired(base_model, model, n, warm=base_model is bench.model)
         over = (seconds - plain) / bench.steps
         rows.append({"model": bench.label, "what": what, "kind": "cache", "ms_per_step": 1e3 * over,
                      "percent_of_call": 100 * over / call, "cached_bytes_per_image": cached_bytes(model)})
@@ -232,7 +239,7 @@ def speedups(bench, small, repeats, log):
                             node("StrideTStitch").execute(bench.model, small.model, 0.4).result[0]))
         rows = []
         for what, model in methods:
-            plain, seconds = bench.paired(bench.model, model, repeats)
+            plain, seconds = bench.paired(bench.model, model, repeats, warm=True)
             rows.append({"model": bench.label, "what": what, "speedup": plain / seconds,
                          "cached_bytes_per_image": cached_bytes(model)})
             log(f"  {bench.label}: {what}: x{plain / seconds:.2f}")
@@ -275,8 +282,11 @@ def report(result):
               "|---|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['what']} | {calls(r)} | {fmt(r['ms_per_step'], '+.2f')} | "
               f"{fmt(r['percent_of_call'], '+.2f')} | {r.get('cached_bytes_per_image', '')} |" for r in result["overhead"]]
-    lines += ["", "Samplers and guidance ran with the network's forward skipped: their rows are the sampling path's own "
-              "cost. A sampler that makes more model calls than euler (FlowTurbo's Heun steps) pays ComfyUI's per-call "
+    lines += ["", "Samplers, guidance and the input-change cache ran with the network's forward skipped: their rows "
+              "are their own cost on the sampling path (the cache's row: its bookkeeping when nothing is reused); the "
+              "first-block cache ran with the real network (its bookkeeping lives inside the blocks), so its row "
+              "also holds the run-to-run noise of two real runs. "
+              "A sampler that makes more model calls than euler (FlowTurbo's Heun steps) pays ComfyUI's per-call "
               "path for them too; with the real network each extra call costs a whole model call."]
     lines += ["", "## Speedup at a fixed reuse setting (wall time of the uncached run over the method's)\n",
               "| model | method | speedup | cached bytes per image |", "|---|---|---|---|"]

@@ -31,7 +31,7 @@ import time
 import torch
 
 from . import host
-from .common import (ModelSetup, fresh_calibration_store, parser, read_merged, run_against_reference,
+from .common import (ModelSetup, error_ratio, fresh_calibration_store, parser, read_merged, run_against_reference,
                      write_json)
 from .solvers import SAMPLERS, STRIDE, TIE, available, sampler_object
 
@@ -220,14 +220,6 @@ def cost_table(calibrations, model, cfg):
     return "\n".join(lines)
 
 
-def _ratio(a, b):
-    if a is None or b is None:
-        return None
-    if not math.isfinite(a):
-        return math.inf
-    return a / b if b > 0 and math.isfinite(b) else 0.0
-
-
 def comparisons(rows, model, cfg):
     """{optimizer: {"builtin": [ratios to the best built-in schedule of the cell], "default": [ratios to karras
     (EPS) or simple (flow)], "evolution": [ratios to Stride evolution]}} over the solver x NFE cells."""
@@ -242,11 +234,15 @@ def comparisons(rows, model, cfg):
             ours = cells.get((optimizer, *col))
             builtin = [cells.get((s, *col)) for s in BUILTIN]
             builtin = [e for e in builtin if e is not None and math.isfinite(e)]
-            for key, other in (("builtin", min(builtin, default=None)), ("default", cells.get((default, *col))),
-                               ("evolution", cells.get(("Stride evolution", *col)))):
-                r = _ratio(ours, other)
-                if r is not None:
-                    ratios[key].append(r)
+            if (optimizer, *col) not in cells:
+                continue  # not measured in this column
+            for key, other in (("builtin", min(builtin, default=None)), ("default", (default, *col)),
+                               ("evolution", ("Stride evolution", *col))):
+                if isinstance(other, tuple):
+                    if other not in cells:
+                        continue  # no such baseline measured here
+                    other = cells[other]
+                ratios[key].append(error_ratio(ours, other))  # a failed run (None, inf) of either side: a loss
         out[optimizer] = ratios
     return out
 

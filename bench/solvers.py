@@ -15,7 +15,7 @@ import os
 import time
 
 from . import host
-from .common import ModelSetup, parser, run_against_reference, write_json
+from .common import ModelSetup, error_ratio, parser, run_against_reference, write_json
 
 # label -> (ComfyUI sampler name, extra options or None for sampler_object(), evaluations per step)
 SAMPLERS = {
@@ -186,12 +186,6 @@ def _mark(ratio):
     return f"**{ratio:.2f}**" if ratio < 1 - TIE else f"{ratio:.2f}"
 
 
-def _ratio(a, b):
-    if not math.isfinite(a):
-        return math.inf
-    return a / b if b > 0 and math.isfinite(b) else 0.0
-
-
 def versus_base(rows):
     """[(model, cfg, method, scheduler, nfe, ratio)]: a Stride method's error over its base's (same scheduler)."""
     errors = _errors(rows)
@@ -200,7 +194,7 @@ def versus_base(rows):
         if label in STRIDE:
             base = errors.get((model, cfg, STRIDE[label][2], scheduler, nfe))
             if base is not None:
-                out.append((model, cfg, label, scheduler, nfe, _ratio(err, base)))
+                out.append((model, cfg, label, scheduler, nfe, error_ratio(err, base)))
     return out
 
 
@@ -246,7 +240,7 @@ def stride_vs_builtin_table(rows, nfes):
             if ours is None or theirs is None:
                 cells.append("")
                 continue
-            ratio = _ratio(ours["error"], theirs["error"])
+            ratio = error_ratio(ours["error"], theirs["error"])
             cells.append(f"{_mark(ratio)} {ours['sampler']}/{ours['scheduler']} vs {theirs['sampler']}/{theirs['scheduler']}")
         lines.append(f"| {model} | {cfg} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -160,14 +160,16 @@ class Calibrator:
         self.latent = {"samples": torch.zeros(1, *runner.setup.noise.shape[1:])}
 
     def __call__(self, node_id, steps, samples, **options):
+        """steps None: a schedule-free calibration (teleportation's statistics take no scheduler or steps)."""
         import nodes
         model, counter = host.stride("nodes.counting").count_model_calls(self.runner.setup.model)
         before = set(os.listdir(self.folder))
         start = time.perf_counter()
         with torch.inference_mode():
             text = nodes.NODE_CLASS_MAPPINGS[node_id].execute(model, self.positive, self.runner.setup.negative,
-                                                              self.latent, CFG, self.runner.scheduler, steps, samples,
-                                                              CAL_SEED, **options).result[0]
+                                                              self.latent, CFG,
+                                                              *(() if steps is None else (self.runner.scheduler, steps)),
+                                                              samples, CAL_SEED, **options).result[0]
         record = {"node": node_id, "model": self.runner.name, "digit": self.digit, "steps": steps,
                   "samples": samples, "options": dict(options),
                   "evaluations": counter.nfe, "uncond_passes": counter.uncond,
@@ -187,28 +189,18 @@ def measure_teleport(runner, grid, digit, rows, records, folder):
     calibrate = Calibrator(runner, digit, records, folder)
     samples = grid["teleport_samples"]
     rank = min(16, samples - 1)
-    texts = {}
+    text = None
     for steps in grid["steps"]:
         full = runner.run(builtin("dpmpp_2m"), steps)
         for skip in grid["skips"]:
             nfe = steps - round(skip * steps)
             base = {"method": "teleportation", "model": runner.name, "digit": digit, "steps": steps, "skip": skip,
                     "target_nfe": nfe, "full": full, "baseline": runner.run(builtin("dpmpp_2m"), nfe)}
-            try:
-                # the statistics are schedule-free: one calibration per model and class, unless the sampler refuses
-                if None not in texts:
-                    texts[None] = calibrate("StrideCalibrateTeleport", min(grid["steps"]), samples, rank=rank)
-                try:
-                    with torch.inference_mode():
-                        sampler = node.execute(texts[None], skip=skip).result[0]
-                    out = runner.run(sampler, steps)
-                except ValueError:
-                    if steps not in texts:
-                        texts[steps] = calibrate("StrideCalibrateTeleport", steps, samples, rank=rank)
-                    with torch.inference_mode():
-                        sampler = node.execute(texts[steps], skip=skip).result[0]
-                    out = runner.run(sampler, steps)
-                rows.append({**base, **out, "rank": rank, "samples": samples})
+            try:  # the statistics are schedule-free: one calibration per model and class serves every row
+                text = text or calibrate("StrideCalibrateTeleport", None, samples, rank=rank)
+                with torch.inference_mode():
+                    sampler = node.execute(text, skip=skip).result[0]
+                rows.append({**base, **runner.run(sampler, steps), "rank": rank, "samples": samples})
             except Exception as e:  # noqa: BLE001
                 rows.append({**base, "error": None, "note": f"{type(e).__name__}: {e}"})
 
@@ -348,7 +340,7 @@ def cost_table(records):
              "uncalibrated |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in records:
         options = ", ".join(f"{k} {v}" for k, v in c["options"].items())
-        lines.append(f"| {c['node']} | {c['model']} | {c['digit']} | {c['steps']} | {c['samples']} | {options} | "
+        lines.append(f"| {c['node']} | {c['model']} | {c['digit']} | {c['steps'] or 'any'} | {c['samples']} | {options} | "
                      f"{c['evaluations']} | {c.get('node_evaluations')} / {c.get('node_seconds')} | "
                      f"{c['wall_seconds']:.1f} | "
                      f"{c.get('entries') or ''} | " + (f"{c['error']:.3g} / {c['base_error']:.3g}"

@@ -17,7 +17,7 @@ from comfy_api.latest import io
 
 from ..samplers import bespoke
 from ..samplers.schedules import ld3
-from ..samplers.schedules.common import BudgetExceeded
+from ..samplers.schedules.common import BudgetExceeded, held_out_split, in_calls_of
 from . import calibrated
 from . import calibration_store as store
 from .calibration import autograd_weights, calibrate, conditioning_digest
@@ -112,7 +112,7 @@ class Tuner:
     def __init__(self, ctx, model_sampling, cfg, nfe, fp_id, iterations):
         self.ctx, self.ms, self.cfg, self.nfe, self.fp_id, self.iterations = ctx, model_sampling, cfg, nfe, fp_id, \
             iterations
-        self.fit_rows, self.held_rows = bespoke.split(ctx.x.shape[0])
+        self.fit_rows, self.held_rows = held_out_split(ctx.x.shape[0], "Autotune")
         self.share = len(self.fit_rows) / ctx.x.shape[0]
         self.teacher = bespoke.Teacher(ctx.denoiser, ctx.x, ctx.sigma_max, ctx.sigma_min, ctx.param.flow, REF_POINTS,
                                        REF_REFINE)
@@ -198,7 +198,7 @@ class Tuner:
             teacher = self.teacher.rows(self.fit_rows)
             for k in ("grid", "xs", "vs", "output"):  # made under inference mode: autograd needs ordinary copies
                 setattr(teacher, k, getattr(teacher, k).clone())
-            solver, _, _ = bespoke.fit(bespoke._in_calls_of(self.ctx.denoiser, len(self.fit_rows)), teacher, sigmas,
+            solver, _, _ = bespoke.fit(in_calls_of(self.ctx.denoiser, len(self.fit_rows)), teacher, sigmas,
                                        base, self.iterations, progress=charge, flow=self.ctx.param.flow)
         options = {"base": base, "iterations": self.iterations, "learning_rate": 0.03, "lipschitz": 0.0}
         cal = as_calibration("bespoke", self.fp_id, sigmas, self.cfg, options, solver.tensors())

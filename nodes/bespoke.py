@@ -9,6 +9,7 @@ import torch
 from comfy_api.latest import io
 
 from ..samplers import bespoke
+from ..samplers.schedules.common import held_out_split
 from . import calibrated
 from .calibration import autograd_weights
 
@@ -20,7 +21,7 @@ def fit_bespoke(ctx, sigmas, options):
     """The Bespoke calibration on the calibration batch (pure math in samplers/bespoke.py), with the backward passes
     charged to the evaluation count (2 evaluations' worth each) and the weights made differentiable meanwhile."""
     batch = ctx.x.shape[0]
-    fit_rows = len(bespoke.split(batch)[0])
+    fit_rows = len(held_out_split(batch, "Bespoke")[0])
     nfe = bespoke.Bespoke.identity(options["base"], sigmas).nfe
     backward = lambda i: ctx.denoiser.charge(2 * nfe * fit_rows / batch)
     with torch.inference_mode(False), autograd_weights(ctx.inner_model.inner_model):
@@ -52,7 +53,7 @@ def cost(base, steps, samples, iterations):
     """Model evaluations of a calibration, in batches: the teacher, the fit's forward and backward passes on the fit
     half, and the final check of the fitted solver and its base on every noise."""
     nfe = bespoke.Bespoke.identity(base, torch.linspace(1, 0, steps + 1)).nfe
-    share = len(bespoke.split(samples)[0]) / samples
+    share = len(held_out_split(samples, "Bespoke")[0]) / samples
     return (TEACHER_POINTS - 1) * TEACHER_REFINE + 1 + iterations * 3 * nfe * share + 2 * nfe
 
 

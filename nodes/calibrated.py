@@ -16,7 +16,7 @@ from ..samplers.calibrated import dc_solver, dpm_solver_v3, iia
 from ..samplers.calibrated.memo import Memo
 from ..samplers.core import check_sigmas
 from ..samplers.schedules.ays import ve_denoiser
-from ..samplers.schedules.common import mse, teacher_trajectory
+from ..samplers.schedules.common import held_out_split, in_calls_of, mse, teacher_trajectory
 from . import calibration_store as store
 from .calibration import calibrate, conditioning_digest, model_samples
 from .sampler_bridge import model_param, sampler_object
@@ -170,32 +170,39 @@ def fit(method, ctx, sigmas, options):
 
 
 def fit_ems(ctx, sigmas, options):
-    """DPM-Solver-v3's statistics from samples of the model (a UniPC-3 teacher at the user's cfg), on a lambda
-    grid over the model's range (VE-ised: finite at a flow model's sigma = 1 cap); the error report on `sigmas`."""
+    """DPM-Solver-v3's statistics from samples of the model (a UniPC-3 teacher at the user's cfg) of the first half
+    of the calibration noises, on a lambda grid over the model's range (VE-ised: finite at a flow model's sigma = 1
+    cap); judged on the user's schedule `sigmas` on the held-out half against plain DPM-Solver++ (the degenerate
+    statistics), and refused, nothing stored, when they do no better there."""
     flow = ctx.param.flow
+    fit_rows, held_rows = held_out_split(len(ctx.x), METHODS["dpm_solver_v3"])
     if options["statistics"] == "per_element":
-        share = dpm_solver_v3.element_weight(len(ctx.x))
+        share = dpm_solver_v3.element_weight(len(fit_rows))
         if share < 0.5:
-            logging.warning("Stride DPM-Solver-v3: per-element statistics from %d samples are %.0f%% per element and "
+            logging.warning("Stride DPM-Solver-v3: per-element statistics from %d samples (the fit half) are %.0f%% "
+                            "per element and "
                             "%.0f%% per channel (a few samples cannot pin down one statistic per latent element, so "
                             "they are shrunk toward the per-channel ones; half and half takes %d samples, the "
-                            "paper used 1024); per_channel is the honest choice here", len(ctx.x), 100 * share,
+                            "paper used 1024); per_channel is the honest choice here", len(fit_rows), 100 * share,
                             100 * (1 - share), dpm_solver_v3.SHRINK)
-    x0 = model_samples(ctx, TEACHER_POINTS)
+    x0 = model_samples(ctx, TEACHER_POINTS)[fit_rows]
     to_lam = lambda s_: -math.log(s_ / (1 - s_)) if flow else -math.log(s_)
     top = min(ctx.sigma_max, ctx.param.sigma_cap) if flow else ctx.sigma_max
     lambdas = torch.linspace(to_lam(top), to_lam(ctx.sigma_min), EMS_POINTS, dtype=torch.float64)
-    ems = dpm_solver_v3.estimate_ems(ve_denoiser(ctx.denoiser, flow), x0, lambdas,
+    ems = dpm_solver_v3.estimate_ems(ve_denoiser(in_calls_of(ctx.denoiser, len(fit_rows)), flow), x0, lambdas,
                                      per_channel=options["statistics"] == "per_channel")
-    reference = teacher_trajectory(ctx.denoiser, ctx.x, sigmas[:-1], flow, REFINE)[0]
-    run = lambda e: dpm_solver_v3.sample_dpm_solver_v3(ctx.denoiser, ctx.x, sigmas, param=ctx.param, ems=e)
-    errors = {"error": float(mse(run(ems), reference[-1]).mean()),
-              "base_error": float(mse(run(dpm_solver_v3.EMS.degenerate(lambdas, ems.l.shape[1:])),
-                                      reference[-1]).mean())}
-    if errors["error"] > errors["base_error"]:
-        logging.warning("Stride DPM-Solver-v3: on the calibration noises the measured statistics do worse (%.4g) than "
-                        "plain DPM-Solver++ (%.4g) at this schedule; kept, but UniPC or DPM-Solver++ may suit this "
-                        "model and cfg better", errors["error"], errors["base_error"])
+    reference = teacher_trajectory(ctx.denoiser, ctx.x, sigmas[:-1], flow, REFINE)[0][-1]
+    run = lambda e: mse(dpm_solver_v3.sample_dpm_solver_v3(ctx.denoiser, ctx.x, sigmas, param=ctx.param, ems=e),
+                        reference)
+    got, base = run(ems), run(dpm_solver_v3.EMS.degenerate(lambdas, ems.l.shape[1:]))
+    errors = {"error": float(got[fit_rows].mean()), "base_error": float(base[fit_rows].mean()),
+              "held_out_error": float(got[held_rows].mean()), "held_out_base_error": float(base[held_rows].mean())}
+    if not errors["held_out_error"] < errors["held_out_base_error"]:
+        raise ValueError(f"Stride DPM-Solver-v3: on the held-out calibration noises the measured statistics do no "
+                         f"better ({errors['held_out_error']:.4g}) than plain DPM-Solver++ "
+                         f"({errors['held_out_base_error']:.4g}) on this schedule ({len(sigmas) - 1} steps); refused, "
+                         "nothing stored. Use UniPC or DPM-Solver++ for this model and cfg, or calibrate with more "
+                         "samples")
     values = {"lambdas": lambdas, "l": ems.l, "s": ems.s, "b": ems.b}
     return values, errors
 
@@ -282,11 +289,16 @@ def _calibrate_inputs(extra):
 
 def _calibrate(method, model, positive, negative, latent_image, cfg, scheduler, steps, samples, seed, sigmas,
                options, cost_per_step):
+    """Run one calibration (or reuse the stored one) and return its text. scheduler, steps and sigmas all None: a
+    schedule-free calibration (teleportation's statistics), made and stored for the model's whole range."""
     ms = model.get_model_object("model_sampling")
-    if sigmas is None:
+    schedule_free = method == "dpm_solver_v3" or (method in EXTENSIONS and EXTENSIONS[method][2])
+    if sigmas is None and scheduler is None and schedule_free:
+        sigmas = torch.tensor([float(ms.sigma_max), 0.0])
+    elif sigmas is None:
         sigmas = comfy.samplers.calculate_sigmas(ms, scheduler, steps)
     check_sigmas(sigmas, METHODS[method])
-    if len(sigmas) < 4 or float(sigmas[-1]) != 0.0:
+    if (len(sigmas) < 4 and scheduler is not None) or float(sigmas[-1]) != 0.0:
         raise ValueError(f"Stride {METHODS[method]}: calibrate a schedule of at least 3 steps ending in 0")
     fp = store.fingerprint(model)
     settings = {"cfg": cfg, "sigmas": [round(float(s), 6) for s in sigmas], "samples": samples, "seed": seed,
@@ -296,7 +308,6 @@ def _calibrate(method, model, positive, negative, latent_image, cfg, scheduler, 
     if found is not None:
         logging.info("Stride %s: reused %s (no model run)", METHODS[method], found[2])
         return found[1]["info"]["text"]
-    schedule_free = method == "dpm_solver_v3" or (method in EXTENSIONS and EXTENSIONS[method][2])
     estimate = 1 + cost_per_step * (1 if schedule_free else len(sigmas) - 1)
     (values, errors), calls, seconds = calibrate(model, positive, negative, latent_image, cfg, seed, samples,
                                                  estimate, METHODS[method], lambda ctx: fit(method, ctx, sigmas, options),
@@ -313,6 +324,9 @@ def _calibrate(method, model, positive, negative, latent_image, cfg, scheduler, 
     store.save(method, settings, fp, tensors, info)
     measured = (f"; error against the reference {errors['error']:.4g} (uncalibrated {errors['base_error']:.4g})"
                 if "error" in errors else "")
+    if "held_out_error" in errors:
+        measured += (f" on the fit noises, {errors['held_out_error']:.4g} (uncalibrated "
+                     f"{errors['held_out_base_error']:.4g}) on the held-out noises")
     logging.info("Stride %s: %d model evaluations, %.1f s%s", METHODS[method], calls, seconds, measured)
     return text
 
@@ -429,8 +443,11 @@ class StrideCalibrateDPMSolverV3(io.ComfyNode):
         return io.Schema(
             node_id="StrideCalibrateDPMSolverV3", display_name="Calibrate DPM-Solver-v3 (Stride)", category=CATEGORY,
             description="DPM-Solver-v3's empirical model statistics (l, s, b on 40 half-log-SNR points) measured on "
-                        "samples of your model at your cfg: l by finite-difference Jacobian probes, s and b by "
-                        "regression along the ODE. About 200 model evaluations of the batch, schedule-free. "
+                        "samples of your model at your cfg (from the first half of the calibration noises): l by "
+                        "finite-difference Jacobian probes, s and b by regression along the ODE. About 100-200 model "
+                        "evaluations of the batch. The statistics serve any schedule in their range; they are judged "
+                        "on your scheduler and steps (or `sigmas`) on the other half of the noises, and refused, "
+                        "nothing stored, when plain DPM-Solver++ does as well there. "
                         "Per channel (default): resolution-independent and small enough to travel in the workflow "
                         "text. Per element: statistics for this latent size only, kept in the calibration store.",
             inputs=_calibrate_inputs([io.Combo.Input(
@@ -445,7 +462,8 @@ class StrideCalibrateDPMSolverV3(io.ComfyNode):
                 sigmas=None) -> io.NodeOutput:
         return io.NodeOutput(_calibrate("dpm_solver_v3", model, positive, negative, latent_image, cfg, scheduler,
                                         steps, samples, seed, sigmas, {"statistics": statistics},
-                                        TEACHER_POINTS + 5 * EMS_POINTS + REFINE * steps))
+                                        TEACHER_POINTS + 5 * EMS_POINTS * (samples + 1) // (2 * samples)
+                                        + REFINE * steps))
 
 
 V3_INPUTS = [io.Int.Input("order", default=2, min=1, max=3, tooltip="Predictor order: 2 with guidance (the paper's "

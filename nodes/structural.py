@@ -9,7 +9,6 @@ from comfy_api.latest import io
 from ..samplers import bottleneck, parallel, redi, teleport
 from ..samplers.core import VE
 from ..samplers.multistep import sample_ddim
-from ..samplers.schedules.common import mse, teacher_trajectory
 from . import calibrated
 from .calibrated import _calibrate, _calibrate_inputs, _sampler_node, parse_floats
 from .cache import family_name
@@ -129,19 +128,15 @@ TELEPORT_POINTS = 24  # the teacher solve that produces the model samples
 
 
 def fit_teleport(ctx, sigmas, options):
-    """Gaussian statistics of samples of the model (a UniPC-3 teacher at the user's cfg and conditioning)."""
+    """Gaussian statistics of samples of the model (a UniPC-3 teacher at the user's cfg and conditioning), for the
+    model's whole noise range: no schedule enters them."""
     samples = model_samples(ctx, TELEPORT_POINTS)
     if options["rank"] > len(samples) - 1:
         logging.warning("Stride teleportation: rank %d needs at least %d samples; %d samples give only %d principal "
                         "directions (the rest is isotropic): raise samples for the rank you asked for",
                         options["rank"], options["rank"] + 1, len(samples), len(samples) - 1)
     mu, u, lam, lam_res = teleport.gaussian_stats(samples, options["rank"])
-    values = {"mu": mu, "u": u, "lam": lam, "lam_res": lam_res.reshape(1)}
-    reference = teacher_trajectory(ctx.denoiser, ctx.x, sigmas[:-1], ctx.param.flow, calibrated.REFINE)[0][-1]
-    run = lambda skip: teleport.sample_teleport(ctx.denoiser, ctx.x, sigmas, param=ctx.param,
-                                                stats=(mu, u, lam, lam_res), skip=skip)
-    return values, {"error": float(mse(run(0.2), reference).mean()),
-                    "base_error": float(mse(run(0.0), reference).mean()), "rank": int(u.shape[1])}
+    return {"mu": mu, "u": u, "lam": lam, "lam_res": lam_res.reshape(1)}, {"rank": int(u.shape[1])}
 
 
 def run_teleport(calibration, values, model, x, sigmas, extra_args, callback, disable, param, overrides):
@@ -205,17 +200,18 @@ class StrideCalibrateTeleport(io.ComfyNode):
             category=calibrated.CATEGORY,
             description="Gaussian statistics (mean, rank-r principal directions, isotropic rest) of samples of your "
                         "model under your conditioning and cfg, for the closed-form jump over the first steps. "
-                        "Statistics are per conditioning: calibrate with the prompt you sample with.",
-            inputs=_calibrate_inputs([io.Int.Input("rank", default=16, min=1, max=256,
-                                                   tooltip="Principal directions kept: at most samples - 1 "
-                                                           "(the node warns when samples cap it).")]),
+                        "Statistics are per conditioning (calibrate with the prompt you sample with) and serve "
+                        "every schedule and step count: the sampler node chooses how much to jump.",
+            inputs=[i for i in _calibrate_inputs([io.Int.Input("rank", default=16, min=1, max=256,
+                                                               tooltip="Principal directions kept: at most samples "
+                                                                       "- 1 (the node warns when samples cap it).")])
+                    if i.id not in ("scheduler", "steps", "sigmas")],
             outputs=[io.String.Output(tooltip="The calibration: connect or paste it into the teleportation sampler.")])
 
     @classmethod
-    def execute(cls, model, positive, negative, latent_image, cfg, scheduler, steps, samples, seed, rank,
-                sigmas=None) -> io.NodeOutput:
-        return io.NodeOutput(_calibrate("teleport", model, positive, negative, latent_image, cfg, scheduler, steps,
-                                        samples, seed, sigmas, {"rank": rank}, TELEPORT_POINTS + 2 * steps))
+    def execute(cls, model, positive, negative, latent_image, cfg, samples, seed, rank) -> io.NodeOutput:
+        return io.NodeOutput(_calibrate("teleport", model, positive, negative, latent_image, cfg, None, None,
+                                        samples, seed, None, {"rank": rank}, TELEPORT_POINTS))
 
 
 def _with_samples(inputs, default, tooltip):

@@ -28,7 +28,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .core import bcast, ode_slope
-from .schedules.common import log_grid, mse, teacher_trajectory
+from .schedules.common import held_out_split, in_calls_of, log_grid, mse, teacher_trajectory
 
 TEXT_VERSION = 1
 # ei1 (DDIM) is Euler on a VE (EPS) model: they differ on flow models only
@@ -372,14 +372,6 @@ def error(denoiser, solver, x, target):
         return mse(sample_bespoke(denoiser, x, solver.sigmas, solver=solver), target)
 
 
-def split(samples):
-    """(fit rows, held-out rows) of a calibration batch: the first half (rounded up) fits, the rest judges."""
-    if samples < 2:
-        raise ValueError("Stride Bespoke: at least 2 calibration noises are needed (one to fit, one to judge)")
-    k = (samples + 1) // 2
-    return torch.arange(k), torch.arange(k, samples)
-
-
 def calibrate(denoiser, x, sigmas, sigma_min, flow, base="rk2", iterations=200, lr=0.03, lip=0.0, points=24,
               refine=2, progress=None, stacked=False,
               checkpointed=True, teacher=None):
@@ -397,8 +389,8 @@ def calibrate(denoiser, x, sigmas, sigma_min, flow, base="rk2", iterations=200, 
     elif float(teacher.grid[0]) != float(sigmas[0]) or float(teacher.grid[-1]) > floor:
         raise ValueError("Stride Bespoke: the teacher given does not span this schedule (it must start at its first "
                          "sigma and reach its floor)")
-    fit_rows, held_rows = split(x.shape[0])
-    fit_denoiser = denoiser if stacked else _in_calls_of(denoiser, len(fit_rows))
+    fit_rows, held_rows = held_out_split(x.shape[0], "Bespoke")
+    fit_denoiser = denoiser if stacked else in_calls_of(denoiser, len(fit_rows))
     solver, bound, start = fit(fit_denoiser, teacher.rows(fit_rows), sigmas, base, iterations, lr, lip,
                                progress=progress, checkpointed=checkpointed, flow=flow)
     base_solver = Bespoke.identity(base, sigmas, flow)
@@ -425,15 +417,5 @@ def check_held_out(report):
     got, want = report["held_out_error"], report["held_out_base_error"]
     if not got < want:
         raise Refused(f"Stride Bespoke: the fitted {report['base']} solver is not better than its base on the "
-                         f"held-out calibration noises (error {got:.4g} vs {want:.4g} for the base); it was refused and "
-                         "nothing was stored. Try more iterations or samples, the other base, or another schedule", report)
-
-
-
-def _in_calls_of(denoiser, k):
-    """The denoiser of a stack of copies of a k-row sub-batch, called on k rows at a time (a guided model conditions
-    the rows of each call as the first rows of its calibration batch)."""
-    def run(x, sigma, **kwargs):
-        sigma = torch.as_tensor(sigma).to(x.device).expand(x.shape[0])
-        return torch.cat([denoiser(xc, sc, **kwargs) for xc, sc in zip(x.split(k), sigma.split(k))])
-    return run
+                      f"held-out calibration noises (error {got:.4g} vs {want:.4g} for the base); it was refused and "
+                      "nothing was stored. Try more iterations or samples, the other base, or another schedule", report)

@@ -44,3 +44,20 @@ def test_quick_run_fills_every_row_and_column(stride):
     assert [line.split("|")[1].strip() for line in costs[2:]] == list(schedules.OPTIMIZERS)
     summary = schedules.summary_table(rows).splitlines()
     assert len(summary) == 2 + 2 * len(schedules.OPTIMIZERS)  # the setting, then all settings
+
+
+def test_a_failed_run_of_either_side_counts_as_a_loss():
+    """Win/loss tables: a baseline whose run failed (None or inf) is a loss of the optimizer, never a win (the old
+    ratio was 0 there); a cell the optimizer was never measured in counts neither way."""
+    from bench.common import error_ratio
+    assert error_ratio(0.1, 0.2) == 0.5 and error_ratio(0.0, 0.0) == 1.0
+    assert all(error_ratio(a, b) > 1 for a, b in ((0.1, math.inf), (0.1, None), (math.inf, 0.1), (None, 0.1),
+                                                  (0.1, 0.0)))
+    row = lambda schedule, nfe, error: {"model": "m", "cfg": 1.0, "schedule": schedule, "solver": "euler",
+                                        "target_nfe": nfe, "error": error}
+    # no AYS table: a flow model, whose default schedule is simple
+    rows = [row("simple", n, 0.2) for n in (4, 6)] + [row("Stride LD3", n, 0.1) for n in (4, 6)]
+    rows += [row("Stride evolution", 4, None), row("Stride evolution", 6, 0.05)]
+    ratios = schedules.comparisons(rows, "m", 1.0)["Stride LD3"]
+    assert sorted(ratios["evolution"]) == [2.0, math.inf] and ratios["default"] == [0.5, 0.5]
+    assert schedules.comparisons(rows, "m", 1.0)["Stride GITS"] == {"builtin": [], "default": [], "evolution": []}

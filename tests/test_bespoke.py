@@ -152,7 +152,7 @@ def test_a_fit_no_better_than_its_base_is_refused(m):
     with pytest.raises(m.bespoke.Refused, match="not better than its base on the held-out calibration noises"):
         m.bespoke.check_held_out(report)
     with pytest.raises(ValueError, match="at least 2 calibration noises"):
-        m.bespoke.split(1)
+        m.common.held_out_split(1, "Bespoke")
 
 
 # --- in the real ComfyUI --------------------------------------------------------------------------------------------

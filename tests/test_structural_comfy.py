@@ -86,8 +86,7 @@ def test_teleportation_and_redi_calibrate_store_and_sample(node_class, calibrati
     ms = model.get_model_object("model_sampling")
     sigmas = comfy.samplers.calculate_sigmas(ms, scheduler, 10)
     with torch.inference_mode():
-        tele = node_class("StrideCalibrateTeleport").execute(model, pos, neg, latent, 3.0, scheduler, 10, 16, 0,
-                                                             rank=8).result[0]
+        tele = node_class("StrideCalibrateTeleport").execute(model, pos, neg, latent, 3.0, 16, 0, rank=8).result[0]
         kb = node_class("StrideBuildReDi").execute(model, pos, neg, latent, 3.0, scheduler, 10, 16, 0, key_step=2,
                                                    value_step=4).result[0]
     with caplog.at_level(logging.INFO):

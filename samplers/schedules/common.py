@@ -93,6 +93,23 @@ def teacher_trajectory(denoiser, x, grid, flow=False, refine=1):
     return torch.stack(xs + [out]), torch.stack(ds)
 
 
+def held_out_split(samples, label):
+    """(fit rows, held-out rows) of a calibration batch: the first half (rounded up) fits, the rest judges."""
+    if samples < 2:
+        raise ValueError(f"Stride {label}: at least 2 calibration noises are needed (one to fit, one to judge)")
+    k = (samples + 1) // 2
+    return torch.arange(k), torch.arange(k, samples)
+
+
+def in_calls_of(denoiser, k):
+    """The denoiser of a stack of copies of a k-row sub-batch, called on k rows at a time (a guided model conditions
+    the rows of each call as the first rows of its calibration batch)."""
+    def run(x, sigma, **kwargs):
+        sigma = torch.as_tensor(sigma).to(x.device).expand(x.shape[0])
+        return torch.cat([denoiser(xc, sc, **kwargs) for xc, sc in zip(x.split(k), sigma.split(k))])
+    return run
+
+
 def mse(x, target):
     """Mean squared error per sample, over the latent ([B])."""
     return (x.double() - target.double()).flatten(1).pow(2).mean(1)
