@@ -71,6 +71,11 @@ def flux_config(blocks, width, compat):
     return compat.flux_unet_config(config)
 
 
+def device_name(device):
+    """The card by name on CUDA (the GPU tables name it), else the device type."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+
+
 def dtype_for(device):
     """bf16 where the device computes it natively (CUDA, or a CPU with bf16 instructions), else float32."""
     if device.type == "cuda":
@@ -254,7 +259,7 @@ def measure(mode, log=print):
         small = Bench(kind, mode, mode[kind], blocks=mode[kind][1]) if kind == "flux" else None
         call = call_seconds(bench)
         result["models"].append({"model": bench.label, "size": bench.size_note, "params": bench.params,
-                                 "call_ms": 1e3 * call, "steps": bench.steps, "device": str(bench.device)})
+                                 "call_ms": 1e3 * call, "steps": bench.steps, "device": device_name(bench.device)})
         log(f"{bench.label}, {bench.size_note}: {bench.params / 1e6:.0f} M parameters, one call {1e3 * call:.0f} ms")
         result["overhead"] += overheads(bench, call, repeats, mode["real_repeats"], log)
         result["speedup"] += speedups(bench, small, mode["real_repeats"], log)

@@ -45,3 +45,21 @@ def test_the_numbers_of_which_node_when_come_from_the_runs_they_cite():
 
 def test_the_tested_versions_are_a_range_with_both_ends():
     assert "ComfyUI 0.3.75 through 0.33.0" in README
+
+
+def test_the_real_width_claims_come_from_the_scale_run():
+    import json
+    with open(os.path.join(host.REPO, "docs", "bench_scale.json")) as f:
+        run = json.load(f)
+    assert "at most 0.04% of a model call per step" in README and "bookkeeping at most 1.7%" in README
+    light = [r["percent_of_call"] for r in run["overhead"]
+             if r["kind"] in ("sampler", "guidance") and r["percent_of_call"] is not None]  # None: the baseline
+    caches = [r["percent_of_call"] for r in run["overhead"] if r["kind"] == "cache"]
+    assert light and max(light) < 0.045 and caches and round(max(caches), 1) == 1.7
+    speed = {}
+    for r in run["speedup"]:
+        speed.setdefault(r["what"].split(" (")[0] + (" (input change" in r["what"]) * " (input change)", []).append(
+            round(r["speedup"], 2))
+    assert "x2.0 faster, the cache plan x1.25-1.49, T-Stitch x1.45" in README
+    assert {round(s, 1) for s in speed["Stride step cache (input change)"]} == {2.0}
+    assert speed["Stride cache plan"] == [1.25, 1.49] and speed["Stride T-Stitch"] == [1.45]
