@@ -9,8 +9,8 @@ import time
 import torch
 
 from . import host
-from .common import ModelSetup, fresh_calibration_store, read_merged, run_against_reference, write_json
-from .solvers import (EPS_MODELS, NETWORK_GRID, SAMPLERS, TIE, _ratio, available, sampler_object, schedule, settings,
+from .common import ModelSetup, error_ratio, fresh_calibration_store, read_merged, run_against_reference, write_json
+from .solvers import (EPS_MODELS, NETWORK_GRID, SAMPLERS, TIE, available, sampler_object, schedule, settings,
                       steps_for)
 
 CAL_SCHEDULER = {"eps": "karras", "flow": "simple"}  # the calibrated solvers' (and their bases') scheduler
@@ -129,7 +129,8 @@ class Calibrations:
         info = store.read(os.path.join(self.folder, new[0]), tensors=False)[1]["info"] if len(new) == 1 else {}
         self.records.append({"model": self.setup.name, "cfg": self.cfg, "method": method, "serves": serves,
                              "steps": steps, "nfe": nfe if serves == "nfe" else None, "samples": self.samples,
-                             "evaluations": counter.nfe, "uncond_passes": counter.uncond, "wall_seconds": wall,
+                             "evaluations": counter.cond_rows / self.samples,  # in calibration batches
+                             "uncond_passes": counter.uncond, "wall_seconds": wall,
                              "node_evaluations": info.get("evaluations"), "node_seconds": info.get("seconds"),
                              "batch_error": info.get("error"), "batch_base_error": info.get("base_error")})
         return text, None
@@ -263,11 +264,15 @@ def cal_ratio(rows, model, cfg, numerator, denominator, nfe):
     a, b = cal_value(rows, model, cfg, numerator, nfe), cal_value(rows, model, cfg, denominator, nfe)
     if a is None or b is None or a.get("error") is None or b.get("error") is None:
         return None
-    return _ratio(a["mse"], b["mse"])
+    return error_ratio(a["mse"], b["mse"])
 
 
 def _ratio_cell(ratio):
-    return "" if ratio is None else (f"**{ratio:.3f}**" if ratio < 1 - TIE else f"{ratio:.3f}")
+    """Bold where ours wins; three decimals, or two significant digits below 0.01 (a diverged baseline)."""
+    if ratio is None:
+        return ""
+    text = f"{ratio:.3f}" if ratio >= 0.01 else f"{ratio:.1e}"
+    return f"**{text}**" if ratio < 1 - TIE else text
 
 
 def calibrated_ratio_table(rows, model, cfg, nfes):
@@ -312,7 +317,7 @@ def calibration_cost_table(calibrations):
             cs = [c for c in calibrations if c["method"] == method and c["model"] == model and c["cfg"] == cfg]
             if not cs:
                 continue
-            each = ", ".join((f"NFE {c['nfe']}: " if c["nfe"] is not None else "") + f"{c['evaluations']}"
+            each = ", ".join((f"NFE {c['nfe']}: " if c["nfe"] is not None else "") + f"{c['evaluations']:g}"
                              for c in cs)
             node = [(c["node_evaluations"], c["node_seconds"]) for c in cs if c["node_evaluations"] is not None]
             node_cell = (f"{sum(e for e, _ in node):g} / {sum(s for _, s in node):.1f}" if len(node) == len(cs)
@@ -322,7 +327,7 @@ def calibration_cost_table(calibrations):
             batch_cell = (f"{min(batch):.3f}" if len(batch) == 1 else f"{min(batch):.3f} .. {max(batch):.3f}") \
                 if batch else ""
             lines.append(f"| {method} | {model} | {cfg:g} | {CAL_SERVES[cs[0]['serves']]} | {each} | "
-                         f"{sum(c['evaluations'] for c in cs)} | {sum(c['wall_seconds'] for c in cs):.1f} | "
+                         f"{sum(c['evaluations'] for c in cs):g} | {sum(c['wall_seconds'] for c in cs):.1f} | "
                          f"{node_cell} | {batch_cell} |")
     return "\n".join(lines)
 

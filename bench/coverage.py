@@ -330,18 +330,6 @@ OPTIMIZERS = {"GITS": ("StrideScheduleGITS", {"budget": 6, "coeff": 1.15, "metri
               "evolution": ("StrideScheduleEvolution", {"budget": 41, "initial": "auto", "population": 4})}
 
 
-# Defects the matrix found in code this matrix does not own, each a known failure until fixed (the tests keep one
-# strict expected-failure check per entry, so a fix shows): label -> (exception type, message start)
-KNOWN_DEFECTS = {"LD3": (RuntimeError, ("backward", "gradient"))}
-
-
-def known_defect(label, error):
-    """LD3 differentiates through the model: on ComfyUI networks its backward pass fails (checkpointed blocks
-    that add to their inputs in place; on newer trees, ComfyUI's fused kernels with no autograd formula)."""
-    kind, words = KNOWN_DEFECTS.get(label, (None, ()))
-    return kind is not None and isinstance(error, kind) and any(w in str(error) for w in words)
-
-
 def cell_schedules(built, cache):
     """Every schedule optimizer on the model at a small budget: its schedule is not the one it started from (a
     fitted schedule), and SamplerCustomAdvanced samples it to a finite result."""
@@ -355,11 +343,6 @@ def cell_schedules(built, cache):
                                                   **extra).result
             except ValueError as e:
                 notes.append(short(refused(e, built).detail))
-                continue
-            except Exception as e:  # noqa: BLE001 (only a known defect passes; anything else is raised)
-                if not known_defect(label, e):
-                    raise
-                notes.append(f"{label} FAILS (known defect: {type(e).__name__} in its backward pass)")
                 continue
             out = advanced(built, comfy.samplers.sampler_object("dpmpp_2m"), sigmas)
         start = initial_schedule(built)

@@ -174,9 +174,10 @@ def calibrate(model, positive, negative, latent, cfg, seed, samples, budget, lab
 def autograd_weights(module):
     """ComfyUI loads weights under inference mode, and autograd cannot save inference tensors for the backward
     pass. Inside this context the module's inference-mode parameters and buffers are replaced by ordinary
-    copies (one extra copy of the weights while it lasts), and put back after; ComfyUI's training flag is set
-    meanwhile (nodes/compat.py)."""
-    swapped = []
+    copies (one extra copy of the weights while it lasts), and put back after; parameters that require grad
+    (older trees create them so) are frozen meanwhile: gradients flow through the weights, never into them.
+    ComfyUI's training flag is set meanwhile (nodes/compat.py)."""
+    swapped, frozen = [], [p for p in module.parameters() if p.requires_grad]
     with torch.inference_mode(False):
         for mod in module.modules():
             for store in (mod._parameters, mod._buffers):
@@ -186,9 +187,13 @@ def autograd_weights(module):
                         store[name] = torch.nn.Parameter(copy, requires_grad=False) \
                             if isinstance(value, torch.nn.Parameter) else copy
                         swapped.append((store, name, value))
+    for p in frozen:
+        p.requires_grad_(False)
     try:
         with training():  # newer ComfyUI: kernels with a backward
             yield
     finally:
         for store, name, value in swapped:
             store[name] = value
+        for p in frozen:
+            p.requires_grad_(True)

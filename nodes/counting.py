@@ -1,7 +1,8 @@
 """Honest numbers: count model evaluations inside the model (an APPLY_MODEL wrapper on a clone).
 
 NFE counts evaluations that include the conditional pass (a CFG pair batched or split counts once);
-unconditional passes are counted separately, since that is what guidance tweaks save.
+unconditional passes are counted separately, since that is what guidance tweaks save. cond_rows counts the
+conditional pass's latents (a calibration on part of its batch costs that part).
 """
 import threading
 import time
@@ -21,6 +22,7 @@ class ModelCallCounter:
 
     def reset(self):
         self.cond = 0
+        self.cond_rows = 0
         self.uncond = 0
         self.seconds = 0.0
 
@@ -34,6 +36,7 @@ class ModelCallCounter:
         out = executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         with self.lock:
             self.cond += 0 in chunks
+            self.cond_rows += x.shape[0] // len(chunks) if 0 in chunks else 0
             self.uncond += 1 in chunks
             self.seconds += time.perf_counter() - start
         return out

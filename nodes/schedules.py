@@ -50,12 +50,12 @@ def student_of(sampler, param):
     if sampler in KSAMPLERS and KSAMPLERS[sampler][0] in DIFFERENTIABLE:
         fn, options = KSAMPLERS[sampler]
         return fn, {**options, "param": param}
-    # ComfyUI's dpmpp_2m / uni_pc step in -log sigma on every model: their twins use VE
+    # ComfyUI's dpmpp_2m / uni_pc step in -log sigma on every model and have no divergence guard: their twins neither
     if sampler == "dpmpp_2m":
-        return multistep.sample_dpmpp, {"order": 2, "param": VE}
+        return multistep.sample_dpmpp, {"order": 2, "param": VE, "guard": False}
     if sampler in ("uni_pc", "uni_pc_bh2"):
         return multistep.sample_unipc, {"order": 3, "variant": "bh2" if sampler.endswith("bh2") else "bh1",
-                                        "param": VE}
+                                        "param": VE, "guard": False}
     if sampler not in ("euler", "ddim"):
         logging.info("Stride LD3: %s has no differentiable twin; its times are learned with DDIM (Euler) steps",
                      sampler)
@@ -181,7 +181,9 @@ class StrideScheduleGITS(io.ComfyNode):
 
 
 def _teacher_output(ctx, ms):
-    xs, _ = teacher_trajectory(ctx.denoiser, ctx.x, teacher_grid(ms, TEACHER_POINTS, ctx.param.flow), ctx.param.flow)
+    grid = teacher_grid(ms, TEACHER_POINTS, ctx.param.flow)
+    with torch.no_grad():  # never differentiated (older trees create weights that require grad)
+        xs, _ = teacher_trajectory(ctx.denoiser, ctx.x, grid, ctx.param.flow)
     return xs[-1]
 
 

@@ -19,16 +19,14 @@ constant taken as lip / sigma, lip = 0 by default: measured, see Bespoke.lipschi
 fine solve (Stride's UniPC-3) interpolated by cubic Hermite polynomials (states and slopes), so the learned times
 can move freely and every step is evaluated in parallel, with gradients through the denoiser.
 """
-import functools
 import json
 import math
 from dataclasses import dataclass
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from .core import bcast, ode_slope
-from .schedules.common import held_out_split, in_calls_of, log_grid, mse, teacher_trajectory
+from .schedules.common import checkpoint_calls, held_out_split, in_calls_of, log_grid, mse, teacher_trajectory
 
 TEXT_VERSION = 1
 # ei1 (DDIM) is Euler on a VE (EPS) model: they differ on flow models only
@@ -336,10 +334,8 @@ def fit(denoiser, teacher, sigmas, base="rk2", iterations=200, lr=0.03, lip=0.0,
     integrators). denoiser(x, sigma [B]) is differentiable (gradients flow through it); checkpointed=False saves the
     recomputation where the denoiser is cheap and autograd-safe."""
     solver = (init or Bespoke.identity(base, sigmas, flow)).detached()
-    # each model call gradient-checkpointed (as LD3): its activations are recomputed in the backward pass, which
-    # also keeps networks that add in place into saved tensors (ComfyUI's Flux blocks) differentiable
-    if checkpointed:
-        denoiser = functools.partial(checkpoint, denoiser, use_reentrant=False)
+    if checkpointed:  # each model call's activations recomputed in the backward pass (as LD3)
+        denoiser = checkpoint_calls(denoiser)
     params = [p.requires_grad_(True) for p in solver.parameters() if p.numel()]
     opt = torch.optim.Adam(params, lr=lr)
     best, start = None, None

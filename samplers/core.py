@@ -118,6 +118,19 @@ class History:
         return derivs[:order]
 
 
+# A higher-order update (or corrector) that moves x away from the first-order step by more than GUARD times the
+# state's own size is unstable (stiff guidance, steps too large for the extrapolation): that step keeps order 1.
+GUARD = 0.2
+
+
+def guarded(x_high, x_first):
+    """Per sample, x_high unless ||x_high - x_first|| > GUARD ||x_first||, then x_first (order 1); and how many
+    samples fell back."""
+    norm = lambda v: torch.linalg.vector_norm(v.flatten(1).float(), dim=1)
+    far = norm(x_high - x_first) > GUARD * norm(x_first)
+    return torch.where(bcast(far, x_high).bool(), x_first, x_high), int(far.sum())
+
+
 def exp_step(param, x, sigma, sigma_next, derivs):
     """Data-prediction exponential-integrator step with Taylor terms (DPM-Solver++, Lu et al. 2022, 2211.01095):
     x_t = (sigma_t/sigma_s) x_s + alpha_t sum_k h phi_{k+1}(-h) D^(k)(u), u = (lambda - lambda_s)/h.

@@ -2,9 +2,11 @@
 
 The slope is the exact PF-ODE dx/dsigma in both parameterizations, so both samplers also run on EPS models.
 """
+import logging
+
 import torch
 
-from .core import VE, bcast, ode_slope
+from .core import VE, bcast, guarded, ode_slope
 
 
 @torch.no_grad()
@@ -12,7 +14,8 @@ def sample_flowturbo(model, x, sigmas, extra_args=None, callback=None, disable=N
     """FlowTurbo's Heun + pseudo-corrector blocks (Zhao et al. 2024, arXiv:2409.18128), without the trained refiner.
 
     The first `heun_steps` steps are Heun steps (2 evaluations); the others are pseudo-corrector steps that
-    reuse the slope evaluated at the previous predictor point as their first slope (1 evaluation).
+    reuse the slope evaluated at the previous predictor point as their first slope (1 evaluation). A corrected step
+    that overshoots its Euler predictor (core.guarded) keeps the predictor.
     A step to sigma = 0 is a final denoise (one evaluation): a schedule of n steps ending at 0 costs
     n + min(heun_steps, n - 1) evaluations. Every step reports to the callback (a pseudo-corrector step with the
     denoised estimate its stale slope implies, x - sigma d)."""
@@ -20,7 +23,7 @@ def sample_flowturbo(model, x, sigmas, extra_args=None, callback=None, disable=N
         raise ValueError(f"Stride FlowTurbo: heun_steps must be >= 1 (the first step needs a fresh slope), got {heun_steps}")
     extra_args = {} if extra_args is None else extra_args
     s_in = x.new_ones([x.shape[0]])
-    stale = None  # the slope at the last predictor point
+    stale, lowered = None, 0  # the slope at the last predictor point; Euler steps taken by the guard
     for i in range(len(sigmas) - 1):
         s, t = sigmas[i], sigmas[i + 1]
         if stale is None or i < heun_steps or t == 0:
@@ -35,8 +38,11 @@ def sample_flowturbo(model, x, sigmas, extra_args=None, callback=None, disable=N
             return denoised
         x_pred = x + (t - s) * d
         d_next = ode_slope(x_pred, model(x_pred, t * s_in, **extra_args), t)
-        x = x + (t - s) * (d + d_next) / 2
-        stale = d_next
+        x, n = guarded(x + (t - s) * (d + d_next) / 2, x_pred)
+        stale, lowered = d_next, lowered + n
+    if lowered:
+        logging.info("Stride FlowTurbo: %d step(s) of a sample kept the Euler step: the corrected step overshot it "
+                     "(stiff guidance or steps too large for it)", lowered)
     return x
 
 

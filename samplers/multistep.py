@@ -4,11 +4,12 @@ DDIM (order 1), DPM-Solver++ 2M/3M (Lu et al. 2022, arXiv:2211.01095) and UniPC 
 (Zhao et al. 2023, arXiv:2302.04867) share one loop; DualFast, Heavy-Ball momentum and the Time-Shift
 sampler plug into it (see plugins.py). Every step is written in (alpha, sigma, lambda) of the model's Param.
 """
+import logging
 import math
 
 import torch
 
-from .core import VE, History, bcast, exp_step, per_sample
+from .core import VE, History, bcast, exp_step, guarded, per_sample
 from .plugins import DualFast, HeavyBall, Plugin, TimeShift
 
 UNIPC_VARIANTS = ("bh1", "bh2")
@@ -78,8 +79,9 @@ def unipc_update(param, x, s, t, hist, order, d0, variant, denoised_t=None):
 
 
 def sample_exponential(model, x, sigmas, extra_args=None, callback=None, disable=None, param=VE, solver="dpmpp",
-                       order=2, variant="bh1", corrector=True, lower_order_final=False, plugins=()):
-    """The shared multistep loop. solver: 'dpmpp' (DDIM at order 1) or 'unipc'.
+                       order=2, variant="bh1", corrector=True, lower_order_final=False, plugins=(), guard=True):
+    """The shared multistep loop. solver: 'dpmpp' (DDIM at order 1) or 'unipc'. guard: the divergence guard
+    (core.guarded) on every update above order 1 and on the corrector; off, the plain algorithm (ComfyUI's twins).
 
     Step j (to sigmas[j]) uses order min(order, j) (warm-up), and with lower_order_final also
     min(order, steps + 1 - j). A step to sigma = 0 is a final denoise. UniPC's corrector uses the model
@@ -106,7 +108,8 @@ def sample_exponential(model, x, sigmas, extra_args=None, callback=None, disable
         update = lambda *a: dpmpp_update(*a, combine=combine if a[5] == order else None)
     else:
         update = lambda *a: unipc_update(*a, variant=variant)
-    s = per_sample(sigmas[0], x)
+    keep = guarded if guard else lambda x_high, _: (x_high, 0)
+    s, lowered = per_sample(sigmas[0], x), 0
     for i in range(steps):
         t = per_sample(sigmas[i + 1], x)
         denoised = model(x, s.to(x.dtype), **extra_args)
@@ -114,7 +117,8 @@ def sample_exponential(model, x, sigmas, extra_args=None, callback=None, disable
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
         if solver == "unipc" and corrector and len(hist) > 0 and not bool((t == 0).all()) \
                 and not (i == 1 and skip_first_corrector):
-            x = unipc_update(param, x_prev, s_prev, s, hist, k, d0, variant, denoised_t=denoised)
+            x, n = keep(unipc_update(param, x_prev, s_prev, s, hist, k, d0, variant, denoised_t=denoised), x_first)
+            lowered += n
         hist.push(denoised, param.lam(s))
         for p in plugins:
             p.compensate(i, x, hist)
@@ -124,10 +128,17 @@ def sample_exponential(model, x, sigmas, extra_args=None, callback=None, disable
         for p in plugins:
             d0 = p.first_order(i, x, s, t, d0)
         x_prev, s_prev = x, s
+        x_first = exp_step(param, x, s, t, [d0])
         x = update(param, x, s, t, hist, k, d0)
+        if k > 1:
+            x, n = keep(x, x_first)
+            lowered += n
         for p in plugins:
             x, t = p.after_step(i, x, t, denoised)
         s = t
+    if lowered:
+        logging.info("Stride %s: %d step(s) of a sample kept order 1: the higher-order update overshot the "
+                     "first-order step (stiff guidance or steps too large for it)", solver, lowered)
     return x
 
 
@@ -139,17 +150,18 @@ def sample_ddim(model, x, sigmas, extra_args=None, callback=None, disable=None, 
 
 
 def sample_dpmpp(model, x, sigmas, extra_args=None, callback=None, disable=None, param=VE, order=2, dualfast=0.0,
-                 dualfast_ref="previous", beta=1.0, time_shift=None):
+                 dualfast_ref="previous", beta=1.0, time_shift=None, guard=True):
     """DPM-Solver++(2M / 3M), data prediction (Lu et al. 2022, arXiv:2211.01095), with plug-ins."""
     return sample_exponential(model, x, sigmas, extra_args, callback, disable, param, "dpmpp", order,
-                              plugins=_plugins(dualfast, dualfast_ref, beta, time_shift))
+                              plugins=_plugins(dualfast, dualfast_ref, beta, time_shift), guard=guard)
 
 
 def sample_unipc(model, x, sigmas, extra_args=None, callback=None, disable=None, param=VE, order=3, variant="bh1",
-                 corrector=True, lower_order_final=True, dualfast=0.0, dualfast_ref="previous", time_shift=None):
+                 corrector=True, lower_order_final=True, dualfast=0.0, dualfast_ref="previous", time_shift=None,
+                 guard=True):
     """UniPC, multistep data prediction with UniP-p predictor and UniC corrector (Zhao et al. 2023, 2302.04867)."""
     return sample_exponential(model, x, sigmas, extra_args, callback, disable, param, "unipc", order, variant,
-                              corrector, lower_order_final, _plugins(dualfast, dualfast_ref, None, time_shift))
+                              corrector, lower_order_final, _plugins(dualfast, dualfast_ref, None, time_shift), guard)
 
 
 def _plugins(dualfast, dualfast_ref, beta, time_shift):

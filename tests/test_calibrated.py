@@ -115,9 +115,10 @@ def test_cpr_recovers_a_polynomial_and_predicts_new_settings(m):
 
 @pytest.mark.parametrize("flow,steps", [(False, 5), (False, 6), (False, 8), (True, 5), (True, 8)])
 def test_searched_ratios_lower_the_error(m, flow, steps):
-    """On the calibration noises the searched ratios always lower the error. On held-out noises (8 calibration
-    samples) they do at 5-6 steps on the EPS oracle and stay within 10% of the base solver elsewhere: measured,
-    not assumed (bench.calibrated reports the same on the networks)."""
+    """On the calibration noises the searched ratios always lower the error (by 1.3% at least, measured). On held-out
+    noises (8 calibration samples) they do at 5-6 steps on the EPS oracle (0.91-0.94 of the base's error, measured,
+    the base with its divergence guard) and stay within 10% of the base solver elsewhere: measured, not assumed
+    (bench.calibrated reports the same on the networks)."""
     d, p, sigmas = oracle(m, flow), m.core.FLOW if flow else m.core.VE, schedule(m, flow, steps)
     x, x_test = start(flow, 0), start(flow, 1)
     memo = m.Memo(d)
@@ -127,10 +128,10 @@ def test_searched_ratios_lower_the_error(m, flow, steps):
     assert len(memo.cache) <= steps + 10 * (steps - 2) + 1  # the prefixes come from the cache
     unipc = lambda x_: m.multistep.sample_unipc(d, x_, sigmas, param=p, order=2, variant="bh2")
     dc = lambda x_: m.dc.sample_dc(d, x_, sigmas, param=p, ratios=ratios)
-    assert err(m, dc(x), ref[-1]) < 0.98 * err(m, unipc(x), ref[-1])
+    assert err(m, dc(x), ref[-1]) < 0.99 * err(m, unipc(x), ref[-1])
     held = reference(m, d, x_test, sigmas, flow)[-1]
     ratio = err(m, dc(x_test), held) / err(m, unipc(x_test), held)
-    assert ratio < (0.9 if not flow and steps <= 6 else 1.1)
+    assert ratio < (0.96 if not flow and steps <= 6 else 1.1)
 
 
 def test_iia_with_zero_corrections_is_the_base_solver(m):
@@ -212,11 +213,11 @@ CALIBRATE = {"dc_solver": ("StrideCalibrateDCSolver", "StrideSamplerDCSolver", "
                      {"base": "dpmpp_2m", "target": "reference"})}
 
 
-# The calibrated sampler's error over its base's on the held-out noise (4 calibration noises, 6 steps), measured:
-# DC-Solver 0.84 (EPS), 1.0 (flow: no fitted step beat the base on the calibration noises, so the calibration is
-# the base, exactly); IIA 0.25 (EPS), 0.40 (flow).
-HELD_OUT_RATIO = {("dc_solver", "oracle_eps"): 0.9, ("dc_solver", "oracle_flow"): 1.0 + 1e-6,
-                  ("iia", "oracle_eps"): 0.35, ("iia", "oracle_flow"): 0.5}
+# The calibrated sampler's error over its base's on the held-out noise (4 calibration noises, 6 steps), measured
+# with the samplers' divergence guard: DC-Solver 0.93 (EPS), 1.0 (flow: no fitted step beat the base on the
+# calibration noises, so the calibration is the base, exactly); IIA 0.38 (EPS), 0.40 (flow).
+HELD_OUT_RATIO = {("dc_solver", "oracle_eps"): 0.96, ("dc_solver", "oracle_flow"): 1.0 + 1e-6,
+                  ("iia", "oracle_eps"): 0.45, ("iia", "oracle_flow"): 0.5}
 
 
 @pytest.mark.parametrize("method", list(CALIBRATE))

@@ -427,7 +427,8 @@ def test_gits_beats_simple_schedules_on_the_guided_flow_oracle(m, guided_flow, m
                                           + [last + 1]),
         "sigma_uniform": zero_end(torch.linspace(1.0, FLOW_RANGE[0], steps, dtype=torch.float64)),
     }
-    run = lambda s: m.multistep.sample_dpmpp(g["d"], g["x_test"], s.double(), param=m.core.FLOW, order=2)
+    # GITS's jumps model plain 2M steps (ComfyUI's dpmpp_2m): measured without Stride's divergence guard
+    run = lambda s: m.multistep.sample_dpmpp(g["d"], g["x_test"], s.double(), param=m.core.FLOW, order=2, guard=False)
     out = run(ours)
     sq = lambda a, b: m.common.mse(a, b).mean().item()
     assert sq(g["teacher_test"], g["exact"]) < 0.01 * sq(run(baselines["log_uniform"]), g["exact"])
@@ -531,7 +532,9 @@ def ld3_setup(m):
     x, x_test = start(4, 0, True), start(4, 1, True)
     target = m.common.teacher_trajectory(d, x, grid, True)[0][-1]
     target_test = m.common.teacher_trajectory(d, x_test, grid, True)[0][-1]
-    solve = lambda model, x_, sigmas: m.multistep.sample_dpmpp(model, x_, sigmas, param=m.core.FLOW, order=2)
+    # plain 2M (no divergence guard), as LD3 learns for ComfyUI's dpmpp_2m
+    solve = lambda model, x_, sigmas: m.multistep.sample_dpmpp(model, x_, sigmas, param=m.core.FLOW, order=2,
+                                                               guard=False)
     return dict(d=d, x=x, x_test=x_test, target=target, target_test=target_test, solve=solve,
                 init=floor_schedule(m, 5, True))
 
@@ -573,6 +576,30 @@ def test_ld3_charges_the_documented_evaluations_per_iteration(m, ld3_setup):
     counted = m.common.Counted(s["d"], 4)
     m.ld3.optimize(counted, s["solve"], s["x"], s["target"], s["init"], FLOW_RANGE[0], m.core.FLOW, max_iters=2)
     assert counted.calls == 2 * 4 * 5 + 2 * 5  # forward, recomputation, 2 for the backward; the check
+
+
+def test_checkpointed_calls_differentiate_networks_that_edit_saved_tensors_in_place(m):
+    """ComfyUI's Flux blocks add into their residual stream in place after autograd saved it. Differentiated plainly
+    such a network fails; each checkpointed call (LD3, Bespoke) gets the gradient of the same network written
+    out of place."""
+    w = torch.randn(6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def network(in_place):
+        def denoiser(x, sigma):
+            h = x @ w
+            a = h * h  # saves h
+            h = h.add_(a) if in_place else h + a
+            return h * sigma[:, None]
+        return denoiser
+
+    def grad(denoiser):
+        x = torch.randn(3, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+        denoiser(x * 1.0, torch.full((3,), 0.5, dtype=torch.float64)).pow(2).sum().backward()
+        return x.grad
+
+    with pytest.raises(RuntimeError, match="inplace"):
+        grad(network(True))
+    torch.testing.assert_close(grad(m.common.checkpoint_calls(network(True))), grad(network(False)))
 
 
 # --- evolutionary search -------------------------------------------------------------------------------------------

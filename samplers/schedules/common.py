@@ -1,9 +1,11 @@
 """Shared pieces of the schedule optimizers: budgets, the teacher trajectory, the error of a schedule,
 log-linear resampling to other step counts, denoise slicing and the shareable schedule text."""
+import functools
 import json
 import math
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from ..core import FLOW, VE, check_sigmas
 from ..multistep import sample_unipc
@@ -108,6 +110,19 @@ def in_calls_of(denoiser, k):
         sigma = torch.as_tensor(sigma).to(x.device).expand(x.shape[0])
         return torch.cat([denoiser(xc, sc, **kwargs) for xc, sc in zip(x.split(k), sigma.split(k))])
     return run
+
+
+def checkpoint_calls(denoiser):
+    """denoiser(x, sigma, **kwargs) gradient-checkpointed: each call keeps no activations until the backward pass,
+    which recomputes them one call at a time."""
+    # Reentrant: the forward runs without a graph, and the recomputation is an ordinary forward whose saved tensors
+    # on the gradient path are copied, because networks edit such tensors in place (ComfyUI's Flux blocks add into
+    # their residual stream). Non-reentrant checkpointing keeps references to them there and returns wrong
+    # gradients without an error. Always copied: the cost is one recomputed call's activations at most.
+    def recomputed(x, sigma, **kwargs):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone() if t.requires_grad else t, lambda t: t):
+            return denoiser(x, sigma, **kwargs)
+    return lambda x, sigma, **kwargs: checkpoint(functools.partial(recomputed, **kwargs), x, sigma, use_reentrant=True)
 
 
 def mse(x, target):

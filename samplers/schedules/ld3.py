@@ -10,9 +10,8 @@ sigma_min, as ComfyUI's do, is resampled to that convention before learning. The
 user's own schedule on the calibration noises, and the better one is returned.
 """
 import torch
-from torch.utils.checkpoint import checkpoint
 
-from .common import BudgetExceeded, mse, nodes_to_floor
+from .common import BudgetExceeded, checkpoint_calls, mse, nodes_to_floor
 
 
 def logits_from(init, sigma_min, param):
@@ -50,7 +49,7 @@ def optimize(denoiser, solve, x, target, init, sigma_min, param, lr=5e-3, slack=
     opt = torch.optim.RMSprop([theta], lr=lr, momentum=0.9)
     radius = slack * x[0].numel() / steps ** 2
     x_t, prev_loss = x.detach().clone(), None
-    model = lambda x_, s_, **kw: checkpoint(denoiser, x_, s_, use_reentrant=False, **kw)
+    model = checkpoint_calls(denoiser)
     best, iters = None, 0
     with torch.enable_grad():
         while iters < max_iters:
