@@ -75,7 +75,7 @@ _CAL_NETWORK = {"cfgs": [1.0, 3.0], "seeds": [0, 1], "nfes": CAL_NFES, "rtol": 1
 CAL_MODELS = {"oracle_eps": _CAL_ORACLE, "oracle_flow": _CAL_ORACLE, "unet_small": _CAL_NETWORK,
               "dit_small": _CAL_NETWORK, "unet_large": _CAL_NETWORK, "dit_large": _CAL_NETWORK}
 CAL_DEFAULT = ["oracle_eps", "oracle_flow", "unet_small", "dit_small"]
-CAL_QUICK = {"oracle_eps": {**_CAL_ORACLE, "cfgs": [5.5], "seeds": [0], "nfes": [4, 5], "rtol": 1e-7,
+CAL_QUICK = {"oracle_eps": {**_CAL_ORACLE, "cfgs": [1.0], "seeds": [0], "nfes": [4, 5], "rtol": 1e-7,
                             "samplers": ["uni_pc*", "uni_pc_bh2*", "dpmpp_2m", "euler", "heun"],
                             "schedulers": ["karras", "simple"]}}
 

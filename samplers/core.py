@@ -6,6 +6,7 @@ Solvers are written once in (alpha, sigma, lambda = log(alpha / sigma)) and get 
 Sigmas are per-sample: a solver may carry a [B] vector (Time-Shift moves samples apart); coefficients
 are computed in float64 and broadcast over the latent.
 """
+import logging
 import math
 from dataclasses import dataclass
 
@@ -129,6 +130,13 @@ def guarded(x_high, x_first):
     norm = lambda v: torch.linalg.vector_norm(v.flatten(1).float(), dim=1)
     far = norm(x_high - x_first) > GUARD * norm(x_first)
     return torch.where(bcast(far, x_high).bool(), x_first, x_high), int(far.sum())
+
+
+def log_lowered(name, count):
+    """Say how many steps (summed over the samples) the guard kept at first order; nothing when none."""
+    if count:
+        logging.info("Stride %s: %d step(s) of a sample kept the first-order step: the higher-order one overshot it "
+                     "(stiff guidance or steps too large for it)", name, count)
 
 
 def exp_step(param, x, sigma, sigma_next, derivs):

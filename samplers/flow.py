@@ -2,11 +2,9 @@
 
 The slope is the exact PF-ODE dx/dsigma in both parameterizations, so both samplers also run on EPS models.
 """
-import logging
-
 import torch
 
-from .core import VE, bcast, guarded, ode_slope
+from .core import VE, bcast, guarded, log_lowered, ode_slope
 
 
 @torch.no_grad()
@@ -40,9 +38,7 @@ def sample_flowturbo(model, x, sigmas, extra_args=None, callback=None, disable=N
         d_next = ode_slope(x_pred, model(x_pred, t * s_in, **extra_args), t)
         x, n = guarded(x + (t - s) * (d + d_next) / 2, x_pred)
         stale, lowered = d_next, lowered + n
-    if lowered:
-        logging.info("Stride FlowTurbo: %d step(s) of a sample kept the Euler step: the corrected step overshot it "
-                     "(stiff guidance or steps too large for it)", lowered)
+    log_lowered("FlowTurbo", lowered)
     return x
 
 

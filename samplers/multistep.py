@@ -4,12 +4,11 @@ DDIM (order 1), DPM-Solver++ 2M/3M (Lu et al. 2022, arXiv:2211.01095) and UniPC 
 (Zhao et al. 2023, arXiv:2302.04867) share one loop; DualFast, Heavy-Ball momentum and the Time-Shift
 sampler plug into it (see plugins.py). Every step is written in (alpha, sigma, lambda) of the model's Param.
 """
-import logging
 import math
 
 import torch
 
-from .core import VE, History, bcast, exp_step, guarded, per_sample
+from .core import VE, History, bcast, exp_step, guarded, log_lowered, per_sample
 from .plugins import DualFast, HeavyBall, Plugin, TimeShift
 
 UNIPC_VARIANTS = ("bh1", "bh2")
@@ -136,9 +135,7 @@ def sample_exponential(model, x, sigmas, extra_args=None, callback=None, disable
         for p in plugins:
             x, t = p.after_step(i, x, t, denoised)
         s = t
-    if lowered:
-        logging.info("Stride %s: %d step(s) of a sample kept order 1: the higher-order update overshot the "
-                     "first-order step (stiff guidance or steps too large for it)", solver, lowered)
+    log_lowered({"dpmpp": "DPM-Solver++", "unipc": "UniPC"}[solver], lowered)
     return x
 
 

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from ..core import VE
+from ..core import VE, guarded, log_lowered
 
 SUB_GRID = 33  # points (odd) of the quadrature between a step's ends
 
@@ -128,7 +128,7 @@ def sample_dpm_solver_v3(model, x, sigmas, extra_args=None, callback=None, disab
                              f"range {float(ems.lam[0]):.3f}..{float(ems.lam[-1]):.3f}; recalibrate for this range")
     s_in = x.new_ones([x.shape[0]])
     xb = x.double() / float(alpha[0])
-    hist, steps = [], len(sig) - 1
+    hist, steps, lowered = [], len(sig) - 1, 0
     for i in range(steps):
         a_i = float(alpha[i])
         denoised = model((xb * a_i).to(x.dtype), sigmas[i] * s_in, **extra_args)
@@ -138,19 +138,25 @@ def sample_dpm_solver_v3(model, x, sigmas, extra_args=None, callback=None, disab
             callback({"x": (xb * a_i).to(x.dtype), "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i],
                       "denoised": denoised})
         if float(sig[i + 1]) == 0:
+            log_lowered("DPM-Solver-v3", lowered)
             return denoised
         use_corrector = corrector == "on" or (corrector == "high_noise" and sigma_i > 1.0)
         if hist and use_corrector:  # redo the last step with the new point among its support, then fix the cache
             lam_p, x_p, _ = hist[-1]
             k = min(order + 1, len(hist) + 1)
             derivs = _derivatives(ems, lam_p, hist[-1], [(lams[i], xb, eps)] + hist[-2::-1], k)
-            x_c = v3_step(ems, x_p, lam_p, lams[i], derivs)
+            x_c, n = guarded(v3_step(ems, x_p, lam_p, lams[i], derivs),
+                             v3_step(ems, x_p, lam_p, lams[i], derivs[:1]))
+            lowered += n
             eps = eps + ems.interp("l", lams[i])[0] * (x_c - xb) / sigma_i
             xb = x_c
         hist = (hist + [(lams[i], xb, eps)])[-(order + 1):]
         k = min(order, len(hist), steps - i)  # lower order in the warm-up and toward the end
         derivs = _derivatives(ems, lams[i], hist[-1], hist[-2::-1], k)
-        xb = v3_step(ems, xb, lams[i], float(-torch.log(sig[i + 1] / alpha[i + 1])), derivs)
+        lam_t = float(-torch.log(sig[i + 1] / alpha[i + 1]))
+        xb, n = guarded(v3_step(ems, xb, lams[i], lam_t, derivs), v3_step(ems, xb, lams[i], lam_t, derivs[:1]))
+        lowered += n
+    log_lowered("DPM-Solver-v3", lowered)
     return (xb * float(alpha[-1])).to(x.dtype)
 
 
