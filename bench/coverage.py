@@ -377,10 +377,11 @@ CALIBRATED = {"DC-Solver": ("StrideCalibrateDCSolver", {"solver": "unipc"}, "Str
                       "stride_iia_dpmpp_2m"),
               "DPM-Solver-v3": ("StrideCalibrateDPMSolverV3", {"statistics": "per_channel"},
                                 "StrideSamplerDPMSolverV3", {"order": 2, "corrector": "on"}, "stride_dpm_solver_v3")}
+CALIBRATION_NOISES = 2  # the fewest DPM-Solver-v3 accepts: it fits on one and judges its statistics on the other
 
 
 def cell_calibrated(built, cache):
-    """Each calibrated solver: calibrated on the model (a batch of 1), then sampled with its fitted values through
+    """Each calibrated solver: calibrated on the model (CALIBRATION_NOISES noises), then sampled with its fitted values through
     SamplerCustomAdvanced (the sampler node with the calibration text) and KSampler (its stride_* name, which finds
     the stored calibration); 'using the stored calibration' logged and a finite result. A calibration that keeps
     the uncalibrated base says so (counted as such)."""
@@ -389,7 +390,8 @@ def cell_calibrated(built, cache):
         with captured() as logs:
             try:
                 text = node(calibrate).execute(built.model, built.positive(), built.negative(), latent_input(built),
-                                               CFG, "simple", STEPS, 1, SEED, **options).result[0]
+                                               CFG, "simple", STEPS, CALIBRATION_NOISES, SEED,
+                                               **options).result[0]
             except ValueError as e:
                 notes.append(short(refused(e, built).detail))
                 continue

@@ -30,10 +30,10 @@ def test_every_link_and_picture_exists():
 
 
 def test_the_numbers_of_which_node_when_come_from_the_runs_they_cite():
-    # "about 0.6x heun's error": FlowTurbo's median error ratio over heun, oracle and networks
-    assert "about 0.6x heun's error" in README
+    # "about 0.4-0.5x heun's error": FlowTurbo's median error ratio over heun, oracle and networks
+    assert "about 0.4-0.5x heun's error" in README
     (row,) = {tuple(r) for r in table_rows(docs("bench_solvers.md"), "stride_flowturbo", "heun")}
-    assert round(float(row[3]), 1) == round(float(row[5]), 1) == 0.6
+    assert 0.4 <= float(row[3]) < 0.55 and 0.4 <= float(row[5]) < 0.55
     # "x1.5-1.8 wall time ... ahead of EasyCache at equal error": the caches' equal-error comparison
     assert "x1.5-1.8 wall time" in README
     speeds = [float(x) for x in re.findall(r"x(\d\.\d+) at error", docs("bench_accel.md").split("## The run")[0])]
