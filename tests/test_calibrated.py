@@ -316,6 +316,26 @@ def lam_grid(flow, n=40):
     return torch.linspace(to_lam(top), to_lam(smin), n, dtype=torch.float64)
 
 
+def karras(n, smin, smax, rho=7.0):
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    inner = (smax ** (1 / rho) + ramp * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho
+    return torch.cat([inner, inner.new_zeros(1)])
+
+
+@pytest.mark.parametrize("corrector", ["on", "off"])
+def test_v3_does_not_diverge_where_ddim_does_not(m, v3, monkeypatch, corrector):
+    """Strong guidance, 5 karras steps on the EPS oracle: DPM-Solver-v3 (degenerate statistics: DPM-Solver++ with
+    v3's corrector) stays near DDIM with the divergence guard, and is far off without it."""
+    d, x, sigmas = oracle(m, False, cfg=5.5), start(False, 0), karras(5, *RANGES[False])
+    ems = v3.EMS.degenerate(lam_grid(False), (4, 1, 1))
+    ref = reference(m, d, x, sigmas, False)[-1]
+    ddim = err(m, m.multistep.sample_ddim(d, x, sigmas), ref)
+    run = lambda: err(m, v3.sample_dpm_solver_v3(d, x, sigmas, ems=ems, order=2, corrector=corrector), ref)
+    assert run() < 2 * ddim
+    monkeypatch.setattr(m.core, "GUARD", float("inf"))
+    assert run() > 10 * ddim
+
+
 def test_v3_with_degenerate_statistics_is_dpm_solver_pp(m, v3, monkeypatch):
     """l = 1, s = b = 0: order 1 is DDIM, order 2 (no corrector) the full-Taylor DPM-Solver++ 2M step
     x_t = e^-h x + (1 - e^-h) D + (h - 1 + e^-h) D', D' the divided difference in lambda (the formula itself: the
