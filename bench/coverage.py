@@ -381,10 +381,10 @@ CALIBRATION_NOISES = 2  # the fewest DPM-Solver-v3 accepts: it fits on one and j
 
 
 def cell_calibrated(built, cache):
-    """Each calibrated solver: calibrated on the model (CALIBRATION_NOISES noises), then sampled with its fitted values through
-    SamplerCustomAdvanced (the sampler node with the calibration text) and KSampler (its stride_* name, which finds
-    the stored calibration); 'using the stored calibration' logged and a finite result. A calibration that keeps
-    the uncalibrated base says so (counted as such)."""
+    """Each calibrated solver: calibrated on the model (CALIBRATION_NOISES noises), then sampled with its fitted
+    values through SamplerCustomAdvanced (the sampler node with the calibration text) and KSampler (its stride_*
+    name, which finds the stored calibration); 'using the stored calibration' logged and a finite result. A
+    calibration that keeps the uncalibrated base says so (counted as such)."""
     done, notes = [], []
     for label, (calibrate, options, sampler_node, sampler_options, name) in CALIBRATED.items():
         with captured() as logs:
