@@ -34,6 +34,9 @@ def test_the_numbers_of_which_node_when_come_from_the_runs_they_cite():
     assert "about 0.4-0.5x heun's error" in README
     (row,) = {tuple(r) for r in table_rows(docs("bench_solvers.md"), "stride_flowturbo", "heun")}
     assert 0.4 <= float(row[3]) < 0.55 and 0.4 <= float(row[5]) < 0.55
+    # "beats heun in W of N (L losses, ...)": its wins / ties / losses, oracle and networks together
+    counts = [sum(int(c.split("/")[k]) for c in (row[2], row[4])) for k in range(3)]
+    assert f"`stride_flowturbo` beats heun in {counts[0]} of {sum(counts)} ({counts[2]} losses" in README
     # "x1.5-1.8 wall time ... ahead of EasyCache at equal error": the caches' equal-error comparison
     assert "x1.5-1.8 wall time" in README
     speeds = [float(x) for x in re.findall(r"x(\d\.\d+) at error", docs("bench_accel.md").split("## The run")[0])]
