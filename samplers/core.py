@@ -34,8 +34,9 @@ class Param:
         return torch.sigmoid(-lam) if self.flow else torch.exp(-lam)
 
     def capped(self, sigmas):
-        """The schedule with a finite lambda at its start: sigma >= 1 on a flow model becomes sigma_cap."""
-        if self.flow and len(sigmas) > 1 and sigmas[0] >= 1.0:
+        """The schedule with a finite lambda at its start: a first sigma above sigma_cap on a flow model (1, or
+        1 less a float32 rounding, whose lambda is about -17) becomes sigma_cap."""
+        if self.flow and len(sigmas) > 1 and sigmas[0] > self.sigma_cap:
             sigmas = sigmas.clone()
             sigmas[0] = self.sigma_cap
         return sigmas

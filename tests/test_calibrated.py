@@ -316,6 +316,19 @@ def lam_grid(flow, n=40):
     return torch.linspace(to_lam(top), to_lam(smin), n, dtype=torch.float64)
 
 
+def test_v3_runs_a_flow_schedule_from_just_below_one(m, v3):
+    """A flow model's schedule may start a float32 rounding below 1 (LTX-Video's does): lambda about -17 there, far
+    outside any calibrated range; the solvers start it at sigma_cap, as a schedule from 1."""
+    d, x = oracle(m, True), start(True, 0)
+    below = torch.nextafter(torch.tensor(1.0), torch.tensor(0.0)).double()
+    sigmas = schedule(m, True, 5)
+    ems = v3.EMS.degenerate(lam_grid(True), (4, 1, 1))
+    from_one = v3.sample_dpm_solver_v3(d, x, sigmas, param=m.core.FLOW, ems=ems)
+    sigmas[0] = below
+    torch.testing.assert_close(v3.sample_dpm_solver_v3(d, x, sigmas, param=m.core.FLOW, ems=ems), from_one,
+                               rtol=1e-4, atol=1e-5)  # the first call sees sigma 1 - 6e-8: D moves by ~1e-7
+
+
 def karras(n, smin, smax, rho=7.0):
     ramp = torch.linspace(0, 1, n, dtype=torch.float64)
     inner = (smax ** (1 / rho) + ramp * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho
