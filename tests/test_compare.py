@@ -104,12 +104,13 @@ def test_bad_lists_are_clear_errors(run_prompt, field, value, message):
 
 
 def test_diverged_runs_are_reported_not_raised(run_prompt):
-    """At cfg 100 on the oracle: ComfyUI's heun returns NaN and Stride's UniPC stops with an error."""
-    table, plot = _run(run_prompt, digits="0123", cfg=100.0, samplers="euler, heun, stride_unipc", nfes="7")
+    """At cfg 100 on the oracle ComfyUI's heun and uni_pc diverge; Stride's UniPC, with its divergence guard, does
+    not (and is the best row)."""
+    table, plot = _run(run_prompt, digits="0123", cfg=100.0, samplers="euler, heun, uni_pc, stride_unipc", nfes="7")
     rows = {r["sampler"]: r for r in _rows(table)}
-    assert rows["heun"]["error (x ref. std)"] == rows["stride_unipc"]["error (x ref. std)"] == "diverged"
-    assert rows["heun"]["counted NFE"] == rows["stride_unipc"]["counted NFE"] == "7"
-    assert rows["euler"][""] == "**best**" and math.isfinite(float(rows["euler"]["error (x ref. std)"]))
+    assert rows["heun"]["error (x ref. std)"] == rows["uni_pc"]["error (x ref. std)"] == "diverged"
+    assert rows["heun"]["counted NFE"] == rows["uni_pc"]["counted NFE"] == "7"
+    assert rows["stride_unipc"][""] == "**best**" and math.isfinite(float(rows["stride_unipc"]["error (x ref. std)"]))
     assert torch.isfinite(plot).all()
 
 
