@@ -127,7 +127,7 @@ def sample_exponential(model, x, sigmas, extra_args=None, callback=None, disable
         for p in plugins:
             d0 = p.first_order(i, x, s, t, d0)
         x_prev, s_prev = x, s
-        x_first = exp_step(param, x, s, t, [d0])
+        x_first = exp_step(param, x, s, t, [d0]) if guard else None  # what the guard falls back to
         x = update(param, x, s, t, hist, k, d0)
         if k > 1:
             x, n = keep(x, x_first)

@@ -11,8 +11,11 @@ import math
 import pytest
 import torch
 
+import comfy.k_diffusion.sampling as K
 import comfy.sample
 import comfy.samplers
+
+from test_samplers_math import unguarded  # noqa: F401 (a fixture: the divergence guard off)
 
 LABELS = torch.tensor([0, 3, 5, 8, 1, 9, 2, 7])
 RANGES = {False: (0.0292, 14.6), True: (0.01, 1.0)}
@@ -329,17 +332,11 @@ def test_v3_runs_a_flow_schedule_from_just_below_one(m, v3):
                                rtol=1e-4, atol=1e-5)  # the first call sees sigma 1 - 6e-8: D moves by ~1e-7
 
 
-def karras(n, smin, smax, rho=7.0):
-    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
-    inner = (smax ** (1 / rho) + ramp * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho
-    return torch.cat([inner, inner.new_zeros(1)])
-
-
 @pytest.mark.parametrize("corrector", ["on", "off"])
 def test_v3_does_not_diverge_where_ddim_does_not(m, v3, monkeypatch, corrector):
     """Strong guidance, 5 karras steps on the EPS oracle: DPM-Solver-v3 (degenerate statistics: DPM-Solver++ with
     v3's corrector) stays near DDIM with the divergence guard, and is far off without it."""
-    d, x, sigmas = oracle(m, False, cfg=5.5), start(False, 0), karras(5, *RANGES[False])
+    d, x, sigmas = oracle(m, False, cfg=5.5), start(False, 0), K.get_sigmas_karras(5, *RANGES[False]).double()
     ems = v3.EMS.degenerate(lam_grid(False), (4, 1, 1))
     ref = reference(m, d, x, sigmas, False)[-1]
     ddim = err(m, m.multistep.sample_ddim(d, x, sigmas), ref)
@@ -349,11 +346,10 @@ def test_v3_does_not_diverge_where_ddim_does_not(m, v3, monkeypatch, corrector):
     assert run() > 10 * ddim
 
 
-def test_v3_with_degenerate_statistics_is_dpm_solver_pp(m, v3, monkeypatch):
+def test_v3_with_degenerate_statistics_is_dpm_solver_pp(m, v3, unguarded):
     """l = 1, s = b = 0: order 1 is DDIM, order 2 (no corrector) the full-Taylor DPM-Solver++ 2M step
     x_t = e^-h x + (1 - e^-h) D + (h - 1 + e^-h) D', D' the divided difference in lambda (the formula itself: the
     divergence guard off)."""
-    monkeypatch.setattr(m.core, "GUARD", float("inf"))
     d, x, sigmas = oracle(m, False), start(False, 0), schedule(m, False, 5)
     ems = v3.EMS.degenerate(lam_grid(False), (4, 1, 1))
     first = v3.sample_dpm_solver_v3(d, x, sigmas, ems=ems, order=1, corrector="off")

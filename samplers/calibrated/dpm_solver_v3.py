@@ -110,6 +110,12 @@ def v3_step(ems, x_s, lam_s, lam_t, derivs):
     return decay * (x_s - total)
 
 
+def guarded_step(ems, x_s, lam_s, lam_t, derivs):
+    """v3_step, kept at its first order where the higher-order step overshoots (core.guarded); and whether it was."""
+    high = v3_step(ems, x_s, lam_s, lam_t, derivs)
+    return guarded(high, v3_step(ems, x_s, lam_s, lam_t, derivs[:1])) if len(derivs) > 1 else (high, 0)
+
+
 def sample_dpm_solver_v3(model, x, sigmas, extra_args=None, callback=None, disable=None, param=VE, ems=None,
                          order=2, corrector="on"):
     """DPM-Solver-v3 multistep with the pseudo-corrector. corrector: 'on', 'off', or 'high_noise' (the official
@@ -145,8 +151,7 @@ def sample_dpm_solver_v3(model, x, sigmas, extra_args=None, callback=None, disab
             lam_p, x_p, _ = hist[-1]
             k = min(order + 1, len(hist) + 1)
             derivs = _derivatives(ems, lam_p, hist[-1], [(lams[i], xb, eps)] + hist[-2::-1], k)
-            x_c, n = guarded(v3_step(ems, x_p, lam_p, lams[i], derivs),
-                             v3_step(ems, x_p, lam_p, lams[i], derivs[:1]))
+            x_c, n = guarded_step(ems, x_p, lam_p, lams[i], derivs)
             lowered += n
             eps = eps + ems.interp("l", lams[i])[0] * (x_c - xb) / sigma_i
             xb = x_c
@@ -154,7 +159,7 @@ def sample_dpm_solver_v3(model, x, sigmas, extra_args=None, callback=None, disab
         k = min(order, len(hist), steps - i)  # lower order in the warm-up and toward the end
         derivs = _derivatives(ems, lams[i], hist[-1], hist[-2::-1], k)
         lam_t = float(-torch.log(sig[i + 1] / alpha[i + 1]))
-        xb, n = guarded(v3_step(ems, xb, lams[i], lam_t, derivs), v3_step(ems, xb, lams[i], lam_t, derivs[:1]))
+        xb, n = guarded_step(ems, xb, lams[i], lam_t, derivs)
         lowered += n
     log_lowered("DPM-Solver-v3", lowered)
     return (xb * float(alpha[-1])).to(x.dtype)
