@@ -177,7 +177,7 @@ class Tuner:
         else:
             if sigmas is None:
                 sigmas = comfy.samplers.calculate_sigmas(self.ms, scheduler, self.nfe)
-            values, _ = calibrated.fit(method, self.fit_ctx, sigmas, OPTIONS[method])
+            values, _ = calibrated.fit(method, self.fit_ctx, sigmas, OPTIONS[method], judge=False)
             cal = as_calibration(method, self.fp_id, sigmas, self.cfg, OPTIONS[method], values)
             c = Candidate(f"{LABELS[method]} / {where or scheduler}", "fitted", method, sigmas, cal)
         c.cost = self.ctx.denoiser.calls - before

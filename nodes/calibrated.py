@@ -138,35 +138,72 @@ def run_calibrated(method, calibration, model, x, sigmas, extra_args, callback, 
                           gammas=calibration["values"])
 
 
-def fit(method, ctx, sigmas, options):
-    """Search DC-Solver's ratios or fit IIA's coefficients on the calibration batch (pure math in samplers/)."""
+class Refused(ValueError):
+    """A calibration that does no better than its uncalibrated base where it is judged: nothing is stored."""
+
+
+def fit(method, ctx, sigmas, options, judge=True):
+    """Search DC-Solver's ratios or fit IIA's coefficients (pure math in samplers/). judge: fitted on the first half
+    of the calibration noises and refused, nothing stored, unless it beats its uncalibrated base on the held-out
+    half; judge=False: fitted on every noise (Autotune, which judges on noises of its own)."""
     sigmas = sigmas.to(torch.float64)
-    memo = Memo(ctx.denoiser)
     if method == "dpm_solver_v3":
         return fit_ems(ctx, sigmas, options)
     if method in EXTENSIONS:
         return EXTENSIONS[method][0](ctx, sigmas, options)
     reference = teacher_trajectory(ctx.denoiser, ctx.x, sigmas[:-1], ctx.param.flow, REFINE)[0]
+    rows = held_out_split(len(ctx.x), METHODS[method]) if judge else (torch.arange(len(ctx.x)), None)
+    # the fit rows are the batch's first rows: a guided model conditions them as in the whole batch
+    values, errors = fit_prefix(method, Memo(ctx.denoiser), ctx, ctx.x[rows[0]], sigmas, reference[:, rows[0]],
+                                options)
+    if judge:
+        refuse_unless_better(method, ctx, sigmas, reference[-1], values, errors, options, rows[1])
+    return values, errors
+
+
+def fit_prefix(method, memo, ctx, x, sigmas, reference, options):
+    """The fitted values on the noises x, keeping the prefix of fitted steps (the rest neutral) whose output is
+    closest to the reference there: steps are fitted one by one, and the whole run can still end worse."""
     if method == "dc_solver":
-        values = dc_solver.search_ratios(memo, ctx.x, sigmas, reference, ctx.param, solver=options["solver"])
-        run = lambda v: dc_solver.sample_dc(memo, ctx.x, sigmas, param=ctx.param, ratios=v, solver=options["solver"])
+        values = dc_solver.search_ratios(memo, x, sigmas, reference, ctx.param, solver=options["solver"])
         neutral = 1.0
     else:
-        values = iia.fit_gammas(memo, ctx.x, sigmas, ctx.sigma_min, ctx.param, options["base"],
+        values = iia.fit_gammas(memo, x, sigmas, ctx.sigma_min, ctx.param, options["base"],
                                 reference=reference if options["target"] == "reference" else None)
-        run = lambda v: iia.sample_iia(memo, ctx.x, sigmas, param=ctx.param, base=options["base"], gammas=v)
         neutral = None
-    error = lambda v: float(mse(run(v), reference[-1]).mean())
-    # Steps are fitted one by one; the whole run can still end worse. Keep the prefix of fitted steps (the rest
-    # neutral) whose output is closest to the reference: at worst none, i.e. the uncalibrated base.
+    error = lambda v: float(mse(run_values(method, memo, x, sigmas, ctx.param, v, options), reference[-1]).mean())
     prefixes = [values[:k] + [neutral] * (len(values) - k) for k in range(len(values) + 1)]
     scored = [(error(v), -k, v) for k, v in enumerate(prefixes)]
     best, base = min(scored, key=lambda t: t[:2]), scored[0]
     if best[2] != values:
-        logging.warning("Stride %s: the fitted run is not the closest to the reference on the calibration noises; "
+        logging.warning("Stride %s: the fitted run is not the closest to the reference on the fit noises; "
                         "keeping the first %d steps' corrections (%s)", METHODS[method], -best[1],
                         "none: the uncalibrated base" if best[1] == 0 else f"error {best[0]:.4g} vs {base[0]:.4g}")
     return best[2], {"error": best[0], "base_error": base[0], "fitted_steps": -best[1]}
+
+
+def run_values(method, model, x, sigmas, param, values, options):
+    if method == "dc_solver":
+        return dc_solver.sample_dc(model, x, sigmas, param=param, ratios=values, solver=options["solver"])
+    return iia.sample_iia(model, x, sigmas, param=param, base=options["base"], gammas=values)
+
+
+def refuse_unless_better(method, ctx, sigmas, reference, values, errors, options, held_rows):
+    """Adds the held-out errors to `errors`; raises (nothing is stored) unless the fitted values beat the
+    uncalibrated base there. Both run on the whole batch (each row conditioned as in it), scored on the held rows."""
+    why = f"on this schedule ({len(sigmas) - 1} steps) and cfg; refused, nothing stored. Sample with the base " \
+          f"solver, or calibrate with more samples or another schedule"
+    if errors["fitted_steps"] == 0:
+        raise Refused(f"Stride {METHODS[method]}: no fitted step brings the fit noises closer to the reference "
+                         f"than the uncalibrated base ({errors['base_error']:.4g}) {why}")
+    held = lambda v: float(mse(run_values(method, ctx.denoiser, ctx.x, sigmas, ctx.param, v, options),
+                               reference)[held_rows].mean())
+    base = [1.0] * len(values) if method == "dc_solver" else [None] * len(values)
+    errors.update(held_out_error=held(values), held_out_base_error=held(base))
+    if not errors["held_out_error"] < errors["held_out_base_error"]:
+        raise Refused(f"Stride {METHODS[method]}: on the held-out calibration noises the fitted run does no "
+                         f"better ({errors['held_out_error']:.4g}) than the uncalibrated base "
+                         f"({errors['held_out_base_error']:.4g}) {why}")
 
 
 def fit_ems(ctx, sigmas, options):
@@ -198,7 +235,7 @@ def fit_ems(ctx, sigmas, options):
     errors = {"error": float(got[fit_rows].mean()), "base_error": float(base[fit_rows].mean()),
               "held_out_error": float(got[held_rows].mean()), "held_out_base_error": float(base[held_rows].mean())}
     if not errors["held_out_error"] < errors["held_out_base_error"]:
-        raise ValueError(f"Stride DPM-Solver-v3: on the held-out calibration noises the measured statistics do no "
+        raise Refused(f"Stride DPM-Solver-v3: on the held-out calibration noises the measured statistics do no "
                          f"better ({errors['held_out_error']:.4g}) than plain DPM-Solver++ "
                          f"({errors['held_out_base_error']:.4g}) on this schedule ({len(sigmas) - 1} steps); refused, "
                          "nothing stored. Use UniPC or DPM-Solver++ for this model and cfg, or calibrate with more "
@@ -277,7 +314,8 @@ def _calibrate_inputs(extra):
         io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="karras",
                        tooltip="The scheduler you will sample with (ignored when `sigmas` is connected)."),
         io.Int.Input("steps", default=6, min=3, max=100, tooltip="The number of steps you will sample with."),
-        io.Int.Input("samples", default=4, min=1, max=64, tooltip="Calibration noises (the batch)."),
+        io.Int.Input("samples", default=4, min=2, max=64,
+                     tooltip="Calibration noises (the batch): the first half fits, the other half judges the fit."),
         io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=False,
                      tooltip="Seed of the calibration noises."),
     ] + extra + [io.Sigmas.Input("sigmas", optional=True,
@@ -393,8 +431,14 @@ class StrideCalibrateDCSolverCPR(io.ComfyNode):
         cfgs = parse_floats(cfg_list, "cfg_list")
         for steps in sorted({int(s_) for s_ in step_counts}):
             for cfg in cfgs:
-                text = _calibrate("dc_solver", model, positive, negative, latent_image, cfg, scheduler, steps,
-                                  samples, seed, None, {"solver": solver}, REFINE + 12)
+                try:
+                    text = _calibrate("dc_solver", model, positive, negative, latent_image, cfg, scheduler, steps,
+                                      samples, seed, None, {"solver": solver}, REFINE + 12)
+                except Refused as e:  # the base's ratios are this setting's best measured ones
+                    logging.warning("%s; for the CPR fit, %d steps at cfg %g count as the uncalibrated base "
+                                    "(ratios 1)", e, steps, cfg)
+                    searched[(steps, cfg)] = [1.0] * steps
+                    continue
                 searched[(steps, cfg)] = json.loads(text)["values"]
         coeffs = dc_solver.cpr_fit(searched)
         fp = store.fingerprint(model)
