@@ -42,6 +42,7 @@ CAL_METHODS = {
                                   "dpmpp_2m"),
 }
 CAL_SERVES = {"nfe": "one NFE", "setting": "every NFE"}
+REFUSED = "refused, nothing stored"  # a calibration that lost to its base on its held-out calibration noises
 # The rows of the error table: (label, kind, name); kind "builtin": a SAMPLERS label on the calibrated solvers'
 # scheduler, "best": the best built-in run of the column (any sampler of the pool, any scheduler).
 CAL_TABLE = ([(f"{s} (ComfyUI)", "builtin", s) for s in ("uni_pc*", "uni_pc_bh2*", "dpmpp_2m", "euler", "heun")]
@@ -117,23 +118,27 @@ class Calibrations:
         model, counter = host.stride("nodes.counting").count_model_calls(self.setup.model)
         before = set(os.listdir(self.folder))
         start = time.perf_counter()
+        text, error = None, None
         try:
             with torch.inference_mode():  # as ComfyUI's executor runs every node
                 text = nodes.NODE_CLASS_MAPPINGS[node].execute(model, self.positive, self.setup.negative, self.latent,
                                                                self.cfg, self.scheduler, steps, self.samples,
                                                                CAL_SEED, **options).result[0]
         except Exception as e:  # noqa: BLE001  a node that fails here fails for the user too: report it
-            return None, f"{type(e).__name__}: {e}"
+            error = f"{type(e).__name__}: {e}"
         wall = time.perf_counter() - start
         new = sorted(set(os.listdir(self.folder)) - before)
         info = store.read(os.path.join(self.folder, new[0]), tensors=False)[1]["info"] if len(new) == 1 else {}
-        self.records.append({"model": self.setup.name, "cfg": self.cfg, "method": method, "serves": serves,
-                             "steps": steps, "nfe": nfe if serves == "nfe" else None, "samples": self.samples,
-                             "evaluations": counter.cond_rows / self.samples,  # in calibration batches
-                             "uncond_passes": counter.uncond, "wall_seconds": wall,
-                             "node_evaluations": info.get("evaluations"), "node_seconds": info.get("seconds"),
-                             "batch_error": info.get("error"), "batch_base_error": info.get("base_error")})
-        return text, None
+        if text is not None or REFUSED in error:  # a refused calibration cost the user its evaluations too
+            self.records.append({"model": self.setup.name, "cfg": self.cfg, "method": method, "serves": serves,
+                                 "steps": steps, "nfe": nfe if serves == "nfe" else None, "samples": self.samples,
+                                 "evaluations": counter.cond_rows / self.samples,  # in calibration batches
+                                 "uncond_passes": counter.uncond, "wall_seconds": wall, "refused": text is None,
+                                 "node_evaluations": info.get("evaluations"), "node_seconds": info.get("seconds"),
+                                 "batch_error": info.get("error"), "batch_base_error": info.get("base_error"),
+                                 "held_error": info.get("held_out_error"),
+                                 "held_base_error": info.get("held_out_base_error")})
+        return text, error
 
 
 def measure_calibrated(plan, samples=CAL_SAMPLES, log=print):
@@ -234,7 +239,7 @@ def calibrated_error_table(rows, model, cfg, nfes):
             if r is None:
                 out.append("")
             elif r.get("error") is None:
-                out.append("n/a" if r["note"].startswith("n/a") else "failed")
+                out.append("n/a" if r["note"].startswith("n/a") else "refused" if REFUSED in r["note"] else "failed")
             elif not math.isfinite(r["error"]):
                 out.append("diverged")
             else:
@@ -310,8 +315,9 @@ def calibrated_summary_table(rows):
 def calibration_cost_table(calibrations):
     """Markdown: per method, model and cfg, the calibrations run and what they cost."""
     lines = ["| method | model | cfg | one calibration serves | model evaluations (per calibration) | "
-             "model evaluations, total | seconds, total | node's own count / seconds | calibration-batch MSE, "
-             "calibrated / uncalibrated |", "|---|---|---|---|---|---|---|---|---|"]
+             "model evaluations, total | seconds, total | node's own count / seconds | fit noises' MSE, "
+             "calibrated / uncalibrated | held-out calibration noises' MSE, calibrated / uncalibrated | refused |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for method in CAL_METHODS:
         for model, cfg in dict.fromkeys((c["model"], c["cfg"]) for c in calibrations):
             cs = [c for c in calibrations if c["method"] == method and c["model"] == model and c["cfg"] == cfg]
@@ -319,22 +325,32 @@ def calibration_cost_table(calibrations):
                 continue
             each = ", ".join((f"NFE {c['nfe']}: " if c["nfe"] is not None else "") + f"{c['evaluations']:g}"
                              for c in cs)
-            node = [(c["node_evaluations"], c["node_seconds"]) for c in cs if c["node_evaluations"] is not None]
-            node_cell = (f"{sum(e for e, _ in node):g} / {sum(s for _, s in node):.1f}" if len(node) == len(cs)
-                         else "")
-            batch = [c["batch_error"] / c["batch_base_error"] for c in cs
-                     if c["batch_error"] is not None and c["batch_base_error"]]
-            batch_cell = (f"{min(batch):.3f}" if len(batch) == 1 else f"{min(batch):.3f} .. {max(batch):.3f}") \
-                if batch else ""
+            stored = [c for c in cs if not c.get("refused")]  # a refused calibration leaves no report
+            node = [(c["node_evaluations"], c["node_seconds"]) for c in stored if c["node_evaluations"] is not None]
+            node_cell = (f"{sum(e for e, _ in node):g} / {sum(s for _, s in node):.1f}"
+                         + (" (the stored ones)" if len(stored) < len(cs) else "")
+                         if node and len(node) == len(stored) else "")
             lines.append(f"| {method} | {model} | {cfg:g} | {CAL_SERVES[cs[0]['serves']]} | {each} | "
                          f"{sum(c['evaluations'] for c in cs):g} | {sum(c['wall_seconds'] for c in cs):.1f} | "
-                         f"{node_cell} | {batch_cell} |")
+                         f"{node_cell} | {ratio_range(cs, 'batch_error', 'batch_base_error')} | "
+                         f"{ratio_range(cs, 'held_error', 'held_base_error')} | "
+                         f"{sum(c.get('refused', False) for c in cs)} |")
     return "\n".join(lines)
 
 
-def calibrated_failures(rows):
+def ratio_range(calibrations, error, base):
+    """'min .. max' of error / base over the calibrations that report both."""
+    ratios = [c[error] / c[base] for c in calibrations if c.get(error) is not None and c.get(base)]
+    if not ratios:
+        return ""
+    return f"{min(ratios):.3f}" if len(ratios) == 1 else f"{min(ratios):.3f} .. {max(ratios):.3f}"
+
+
+def calibrated_failures(rows, refused=False):
+    """The runs without an error that failed (refused=False) or whose calibration was refused (refused=True)."""
     return sorted({f"{r['sampler']} ({r['model']} cfg {r['cfg']:g}, NFE {r['target_nfe']}): {r['note']}"
-                   for r in rows if r.get("error") is None and not r["note"].startswith("n/a")})
+                   for r in rows if r.get("error") is None and not r["note"].startswith("n/a")
+                   and (REFUSED in r["note"]) == refused})
 
 
 def report_calibrated(data, title):
@@ -360,8 +376,9 @@ def report_calibrated(data, title):
     print("\n### Calibration cost (CPU, one thread, a shared 2-core machine)\n")
     print(f"Model evaluations of the calibration batch ({run['samples']} noises; a CFG pair counts once), counted "
           "inside the model; seconds timed around the calibrate node's execute. The node's own count and time are "
-          "beside; the last column is the node's report of its fit on the calibration noises themselves "
-          "(in-sample).\n")
+          "beside; then the node's report of its fit on the noises it was fitted on (the first half) and on the "
+          "held-out half that judges it (DC-Solver, IIA, DPM-Solver-v3), and how many calibrations it refused "
+          "there (they cost their evaluations all the same).\n")
     print(calibration_cost_table(calibrations))
     for model, cfg in settings(rows):
         nfes = sorted({r["target_nfe"] for r in rows if r["model"] == model and r["cfg"] == cfg})
@@ -371,6 +388,11 @@ def report_calibrated(data, title):
         print(calibrated_error_table(rows, model, cfg, nfes))
         print(f"\nMSE ratios, {model}, cfg {cfg:g}:\n")
         print(calibrated_ratio_table(rows, model, cfg, nfes))
+    refused = calibrated_failures(rows, refused=True)
+    if refused:
+        print("\nRefused calibrations (fitted on the first half of the calibration noises, no better than the "
+              "uncalibrated base on the other half: nothing is stored, and the stride_* name samples with the "
+              "base):\n\n" + "\n".join(f"- {p}" for p in refused))
     problems = calibrated_failures(rows)
     if problems:
         print("\nFailed runs:\n\n" + "\n".join(f"- {p}" for p in problems))

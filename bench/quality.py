@@ -9,6 +9,8 @@ models and "simple" for the flow models. The two exact oracles are the reference
   generated latents, against the requested digit;
 - FD: Frechet distance between the generated latents and the held-out real ones in the classifier's
   penultimate features; the floor row is N real training digits per digit against the same held-out set;
+- clean: the share of samples as close to a training digit (nearest one, in latent space) as 95% of the real
+  held-out digits are: salt-and-pepper noise puts a sample far from every digit, which accuracy and FD forgive;
 - ms / NFE: time inside the model per evaluation of a batch of ten images with its CFG pair.
 With --samplers (any KSampler names, stride_* included) and --steps, each model is sampled with each sampler
 instead: a distribution-level comparison for samplers, such as stochastic ones, whose individual samples are
@@ -64,6 +66,20 @@ def frechet_distance(a, b):
     return (diff @ diff + ca.trace() + cb.trace() - 2 * cross).item()
 
 
+CLEAN_QUANTILE = 0.95
+
+
+def nearest_distance(x, train):
+    """Distance of each row of x to its nearest training digit, in latent space."""
+    return torch.cdist(x.flatten(1).double(), train.flatten(1).double()).min(1).values
+
+
+def clean_share(x, split):
+    """The share of x as close to a training digit as CLEAN_QUANTILE of the real held-out digits are."""
+    limit = torch.quantile(nearest_distance(split.held_x, split.train_x), CLEAN_QUANTILE)
+    return float((nearest_distance(x, split.train_x) <= limit).double().mean())
+
+
 def balanced_subset(x, y, per_digit, seed=0):
     """per_digit random rows of each digit (seeded), digits 0-9 in turn."""
     gen = torch.Generator().manual_seed(seed)
@@ -93,21 +109,22 @@ def measure(per_digit, models=None, samplers=("euler",), steps=STEPS):
                      "scheduler": SCHEDULERS[name],
                      "accuracy": classifier.accuracy(x, labels), "worst_digit_accuracy": min(per_class),
                      "fd": frechet_distance(classifier.features(x).detach(), held),
-                     "finite": bool(torch.isfinite(x).all()), "seconds": time.perf_counter() - start})
+                     "clean": clean_share(x, split), "finite": bool(torch.isfinite(x).all()), "seconds": time.perf_counter() - start})
     return rows, classifier.accuracy(split.held_x, split.held_y)
 
 
 def table(rows):
-    lines = ["| model | sampler | scheduler | parameters | ms / NFE | accuracy | worst digit | FD to held-out |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | sampler | scheduler | parameters | ms / NFE | accuracy | worst digit | FD to held-out | clean |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         params = "exact (analytic)" if r["model"].startswith("oracle") else \
             (f"{r['parameters'] / 1e6:.2f} M" if r["parameters"] else "")
         ms = f"{r['ms_per_nfe']:.2f}" if r["ms_per_nfe"] is not None else ""
         worst = f"{100 * r['worst_digit_accuracy']:.0f}%" if "worst_digit_accuracy" in r else ""
         sampler = f"{r['sampler']}, {r['steps']} steps" if "sampler" in r else ""
+        clean = f"{100 * r['clean']:.0f}%" if "clean" in r else ""
         lines.append(f"| {r['model']} | {sampler} | {r.get('scheduler', '')} | {params} | {ms} | {100 * r['accuracy']:.1f}% | "
-                     f"{worst} | {r['fd']:.2f} |")
+                     f"{worst} | {r['fd']:.2f} | {clean} |")
     return "\n".join(lines)
 
 
@@ -130,7 +147,8 @@ def main():
     print(table(rows))
     print(f"\nClassifier: an MLP on the latent, {100 * classifier_accuracy:.1f}% held-out accuracy on real digits. "
           "FD in its 64-d penultimate features against the held-out split; the first row is the floor "
-          "(real digits, same count). ms / NFE: a batch of 10 images with its CFG pair, CPU, one thread.")
+          "(real digits, same count). Clean: as close to a training digit as "
+          f"{100 * CLEAN_QUANTILE:.0f}% of real held-out digits are. ms / NFE: a batch of 10 images with its CFG pair, CPU, one thread.")
     write_json(args.json, {"per_digit": per_digit, "steps": args.steps, "cfg": CFG,
                            "classifier_held_out_accuracy": classifier_accuracy, "rows": rows})
 

@@ -12,6 +12,9 @@ import folder_paths
 from bench import calibrated
 
 
+REFUSED_NOTE = calibrated.REFUSED
+
+
 def _body(table):
     lines = table.splitlines()
     header = [c.strip() for c in lines[0].strip("|").split("|")]
@@ -31,10 +34,17 @@ def test_quick_run_fills_every_row_and_column(stride):
     header, body = _body(calibrated.calibrated_error_table(rows, model, cfg, nfes))
     assert header == ["solver"] + [f"NFE {n}" for n in nfes]
     assert [r[0] for r in body] == [label for label, _, _ in calibrated.CAL_TABLE]
+    refused = set()
     for line in body:
         for n, cell in zip(nfes, line[1:]):
             if line[0] == "IIA (Heun)" and n < 5:  # (NFE + 1) // 2 = 2 steps: too few to calibrate
                 assert cell == "n/a"
+                continue
+            if cell == "refused":  # lost to its base on its held-out calibration noise: reported, with its cost
+                method = line[0]
+                assert any(c["method"] == method and c["refused"] and c["evaluations"] > 0 and c["held_error"] is None
+                           for c in calibrations), (method, n)
+                refused.add(method)
                 continue
             mean, median = (float(v.strip("*")) for v in cell.split(" (")[0].split(" ")[0:3:2])
             assert math.isfinite(mean) and math.isfinite(median) and mean >= 0
@@ -54,6 +64,11 @@ def test_quick_run_fills_every_row_and_column(stride):
             if line[0].startswith("IIA Heun") and n < 5:
                 assert cell == ""
                 continue
+            numerator, denominator = next(r[1:3] for r in calibrated.CAL_RATIOS if r[0] == line[0])
+            values = [calibrated.cal_value(rows, model, cfg, name, n) for name in (numerator, denominator)]
+            if any(v.get("error") is None for v in values):  # a refused calibration: no ratio
+                assert cell == "" and any(REFUSED_NOTE in v.get("note", "") for v in values), (line[0], n)
+                continue
             assert math.isfinite(float(cell.strip("*"))) and float(cell.strip("*")) > 0
 
     # One calibration per NFE for DC-Solver and IIA (Heun: the NFEs with 3 steps or more), one per statistics
@@ -64,7 +79,12 @@ def test_quick_run_fills_every_row_and_column(stride):
     assert len(per["DPM-Solver-v3 per-channel"]) == len(per["DPM-Solver-v3 per-element"]) == 1
     for c in calibrations:
         assert c["evaluations"] > 0 and c["wall_seconds"] > 0
-        assert math.isclose(c["evaluations"], c["node_evaluations"], rel_tol=0.01)
+        if not c["refused"]:
+            assert math.isclose(c["evaluations"], c["node_evaluations"], rel_tol=0.01)
+    assert len(refused) < len(calibrated.CAL_METHODS)  # some calibration passes its held-out check
+    listed = calibrated.calibrated_failures(rows, refused=True)
+    assert {m for m in calibrated.CAL_METHODS if any(line.startswith(f"{m} ({model}") for line in listed)} == refused
+    assert not calibrated.calibrated_failures(rows)
     costs = calibrated.calibration_cost_table(calibrations).splitlines()
     assert [line.split("|")[1].strip() for line in costs[2:]] == list(calibrated.CAL_METHODS)
     summary = calibrated.calibrated_summary_table(rows).splitlines()

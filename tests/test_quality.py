@@ -39,3 +39,18 @@ def test_trained_model_draws_the_requested_digits(classifier, name):
     accuracy = classifier.accuracy(x, labels)
     assert accuracy >= MIN_ACCURACY[name], \
         f"{name}: the classifier recognizes {accuracy:.0%} of its digits (predicted {classifier.predict(x).tolist()})"
+
+
+def test_clean_share_counts_salt_and_pepper_samples(stride):
+    """The clean share: 95% of real held-out digits by construction, near all of the training digits, and it drops
+    with the share of digits given salt-and-pepper noise (a few latent elements set far out)."""
+    split = stride("demo.train").digits_split()
+    assert abs(quality.clean_share(split.held_x, split) - quality.CLEAN_QUANTILE) < 0.01
+    assert quality.clean_share(split.train_x[:200], split) == 1.0
+    digits = split.held_x[:200].clone()
+    gen = torch.Generator().manual_seed(0)
+    noisy = digits[:100].flatten(1)
+    idx = torch.randint(0, noisy.shape[1], (100, 12), generator=gen)
+    noisy.scatter_(1, idx, 3 * torch.sign(torch.randn(100, 12, generator=gen)))
+    digits[:100] = noisy.view_as(digits[:100])
+    assert quality.clean_share(digits, split) < 0.6 < quality.clean_share(split.held_x[:200], split)
