@@ -26,14 +26,20 @@ class Refused(ValueError):
 
 
 def fit(method, ctx, sigmas, options, judge=True):
-    """Search DC-Solver's ratios or fit IIA's coefficients (pure math in samplers/). judge: fitted on the first half
-    of the calibration noises and refused, nothing stored, unless it beats its uncalibrated base on the held-out
-    half; judge=False: fitted on every noise (Autotune, which judges on noises of its own)."""
+    """(values, errors) of a calibration on ctx's noises: DC-Solver's ratios, IIA's coefficients, DPM-Solver-v3's
+    statistics or an extension's fit. DC-Solver and IIA with judge: fitted on the first half of the noises and
+    refused, nothing stored, unless they beat their uncalibrated base on the other half; judge=False: fitted on
+    every noise (Autotune, which judges on noises of its own)."""
     sigmas = sigmas.to(torch.float64)
-    if method == "dpm_solver_v3":
-        return fit_ems(ctx, sigmas, options)
     if method in EXTENSIONS:
         return EXTENSIONS[method][0](ctx, sigmas, options)
+    with torch.no_grad():  # never differentiated (older trees create weights that require grad: no graph kept)
+        return fit_ems(ctx, sigmas, options) if method == "dpm_solver_v3" else \
+            fit_search(method, ctx, sigmas, options, judge)
+
+
+def fit_search(method, ctx, sigmas, options, judge):
+    """DC-Solver's or IIA's fit (see fit)."""
     reference = teacher_trajectory(ctx.denoiser, ctx.x, sigmas[:-1], ctx.param.flow, REFINE)[0]
     rows = held_out_split(len(ctx.x), METHODS[method]) if judge else (torch.arange(len(ctx.x)), None)
     # the fit rows are the batch's first rows: a guided model conditions them as in the whole batch

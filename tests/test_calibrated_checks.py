@@ -144,3 +144,30 @@ def test_small_items(stride, node_class, store, caplog, guided_oracle):
             run(model, pos, neg, latent, sampler, comfy.samplers.calculate_sigmas(ms, "karras", steps), 0, cfg)
         warned = [r.getMessage() for r in caplog.records if "extrapolated" in r.getMessage()]
         assert (outside in warned[0]) if outside else not warned
+
+
+@pytest.mark.parametrize("node", [n for n in NAN_CASES if n != "StrideCalibrateTeleport"])
+def test_a_calibration_outside_inference_mode_builds_no_graph(node_class, store, node):
+    """ComfyUI 0.3.75 creates model weights that require grad, and a calibration called outside the executor's
+    inference mode (a script, a benchmark) then kept an autograd graph over hundreds of model calls: DPM-Solver-v3
+    on a 128-channel latent grew past 23 GB and was killed. The gradient-free fits run without gradients."""
+    model, pos, neg, latent = node_class("StrideDemoModel").execute("unet_small", "0123456789", 1, 1.0, False).result
+    latent = {"samples": latent["samples"].repeat(2, 1, 1, 1)}
+    model = model.clone()
+    seen = []
+
+    def wrapper(apply, args):
+        seen.append(torch.is_grad_enabled())
+        return apply(args["input"], args["timestep"], **args["c"])
+    model.set_model_unet_function_wrapper(wrapper)
+    for p in model.model.diffusion_model.parameters():
+        p.requires_grad_(True)  # as the older tree creates them
+    try:
+        try:
+            node_class(node).execute(model, pos, neg, latent, 3.0, "karras", 3, 2, 0, **NAN_CASES[node])
+        except ValueError as e:  # a refusal on its held-out noise is fine here: the calls were made
+            assert "refused" in str(e)
+    finally:
+        for p in model.model.diffusion_model.parameters():
+            p.requires_grad_(False)
+    assert len(seen) > 20 and not any(seen[1:])  # the first, cold call is outside the fit
