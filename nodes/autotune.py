@@ -190,7 +190,7 @@ class Tuner:
 
     def bespoke(self, scheduler):
         base = "rk2" if self.nfe >= 5 else "rk1"
-        with torch.inference_mode(False), autograd_weights(self.ctx.inner_model.inner_model):
+        with torch.inference_mode(False), autograd_weights(self.ctx.inner_model.inner_model, "Bespoke"):
             sigmas = comfy.samplers.calculate_sigmas(self.ms, scheduler, bespoke.steps_for_nfe(base, self.nfe))
             sigmas = sigmas.double().clone()
             nfe = bespoke.Bespoke.identity(base, sigmas).nfe
@@ -215,7 +215,7 @@ class Tuner:
         name, init = twins[0].sampler, twins[0].sigmas.double()
         fn, options = student_of(name, self.ctx.param)
         solve = lambda model_, x_, sigmas_: fn(model_, x_, sigmas_, **options)
-        with torch.inference_mode(False), autograd_weights(self.ctx.inner_model.inner_model):
+        with torch.inference_mode(False), autograd_weights(self.ctx.inner_model.inner_model, "LD3"):
             sigmas, _, _, _ = ld3.optimize(self.ctx.denoiser, solve, self.fit_ctx.x.clone(),
                                            self.teacher.output[self.fit_rows].clone(), init, self.ctx.sigma_min,
                                            self.ctx.param, max_iters=LD3_ITERATIONS)

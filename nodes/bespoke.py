@@ -24,7 +24,7 @@ def fit_bespoke(ctx, sigmas, options):
     fit_rows = len(held_out_split(batch, "Bespoke")[0])
     nfe = bespoke.Bespoke.identity(options["base"], sigmas).nfe
     backward = lambda i: ctx.denoiser.charge(2 * nfe * fit_rows / batch)
-    with torch.inference_mode(False), autograd_weights(ctx.inner_model.inner_model):
+    with torch.inference_mode(False), autograd_weights(ctx.inner_model.inner_model, "Bespoke"):
         solver, report = bespoke.calibrate(ctx.denoiser, ctx.x.detach().clone(), sigmas, ctx.sigma_min,
                                            ctx.param.flow, options["base"], options["iterations"],
                                            options["learning_rate"], options["lipschitz"], TEACHER_POINTS,

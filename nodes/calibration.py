@@ -3,6 +3,7 @@ guided denoiser D(x, sigma) for Stride's pure optimizers, through a KSAMPLER run
 path), with a cost estimate before the work, a progress bar, and the evaluations counted."""
 import logging
 import math
+import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -171,12 +172,13 @@ def calibrate(model, positive, negative, latent, cfg, seed, samples, budget, lab
 
 
 @contextmanager
-def autograd_weights(module):
+def autograd_weights(module, label):
     """ComfyUI loads weights under inference mode, and autograd cannot save inference tensors for the backward
     pass. Inside this context the module's inference-mode parameters and buffers are replaced by ordinary
     copies (one extra copy of the weights while it lasts), and put back after; parameters that require grad
     (older trees create them so) are frozen meanwhile: gradients flow through the weights, never into them.
-    ComfyUI's training flag is set meanwhile (nodes/compat.py)."""
+    ComfyUI's training flag is set meanwhile (nodes/compat.py). A model whose ComfyUI code runs a kernel without a
+    backward pass (e.g. a fused rotary kernel on newer trees) is refused with a clear error naming `label`."""
     swapped, frozen = [], [p for p in module.parameters() if p.requires_grad]
     with torch.inference_mode(False):
         for mod in module.modules():
@@ -192,6 +194,15 @@ def autograd_weights(module):
     try:
         with training():  # newer ComfyUI: kernels with a backward
             yield
+    except RuntimeError as e:
+        if "no autograd formula" not in str(e):
+            raise
+        kernel = re.search(r"backward through (\S+)", str(e))
+        config = getattr(module, "model_config", module)
+        raise ValueError(f"Stride {label}: {type(config).__name__} on this ComfyUI runs a kernel without a backward "
+                         f"pass ({kernel.group(1) if kernel else 'a ComfyUI kernel'}), so it cannot be "
+                         "differentiated. Use a method that needs no gradient: GITS, AYS or the evolutionary "
+                         "schedule search; IIA, DC-Solver or DPM-Solver-v3") from e
     finally:
         for store, name, value in swapped:
             store[name] = value

@@ -268,7 +268,7 @@ class StrideScheduleLD3(io.ComfyNode):
             init = initial_schedule(ms, ctx.param.flow, initial, steps)
             fn, options = student_of(sampler_name, ctx.param)
             solve = lambda model_, x_, sigmas_: fn(model_, x_, sigmas_, **options)
-            with torch.inference_mode(False), autograd_weights(ctx.inner_model.inner_model):
+            with torch.inference_mode(False), autograd_weights(ctx.inner_model.inner_model, "LD3"):
                 sigmas, loss, first, iters = ld3.optimize(ctx.denoiser, solve, ctx.x, target.clone(), init,
                                                           ctx.sigma_min, ctx.param)
             return {"sigmas": sigmas}, {"iterations": iters, "loss": loss, "initial_loss": first}

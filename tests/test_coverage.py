@@ -97,6 +97,25 @@ def test_ld3_fits_a_comfyui_network(folder):
     assert torch.isfinite(sigmas).all()
 
 
+def test_ld3_refuses_a_model_it_cannot_differentiate(folder):
+    """Cosmos Predict2 on newer trees runs a fused rotary kernel with no backward pass: LD3 refuses it with a clear
+    error naming the kernel and what to use instead (it crashed deep in torch's backward); where the model
+    differentiates (older trees), LD3 fits it."""
+    reason = families.unavailable("Cosmos Predict2")
+    if reason:
+        pytest.skip(reason)
+    built = families.build("Cosmos Predict2")
+    run = lambda: coverage.node("StrideScheduleLD3").execute(
+        built.model, built.positive(), built.negative(), coverage.latent_input(built), coverage.CFG, "euler",
+        coverage.STEPS, budget=65, samples=1, seed=coverage.SEED, denoise=1.0, initial="auto").result[0]
+    if "rms_rope_split_half" in comfy_source("Cosmos Predict2"):
+        with pytest.raises(ValueError, match=r"Stride LD3: CosmosT2IPredict2 .* without a backward pass "
+                                             r"\(comfy_kitchen\.rms_rope_split_half.*\).* GITS"):
+            run()
+    else:
+        assert torch.isfinite(run()).all()
+
+
 def table_of(text):
     """{family: {feature: cell text}} of the markdown table in `text` that starts with '| family |'."""
     lines = [line for line in text.splitlines() if line.startswith("|")]
