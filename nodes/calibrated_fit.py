@@ -80,8 +80,8 @@ def run_values(method, model, x, sigmas, param, values, options):
 def refuse_unless_better(method, ctx, sigmas, reference, values, errors, options, held_rows):
     """Adds the held-out errors to `errors`; raises (nothing is stored) unless the fitted values beat the
     uncalibrated base there. Both run on the whole batch (each row conditioned as in it), scored on the held rows."""
-    why = f"on this schedule ({len(sigmas) - 1} steps) and cfg; refused, nothing stored. Sample with the base " \
-          f"solver, or calibrate with more samples or another schedule"
+    why = (f"on this schedule ({len(sigmas) - 1} steps) and cfg; refused, nothing stored. Sample with the base "
+           "solver, or calibrate with more samples or another schedule")
     if errors["fitted_steps"] == 0:
         raise Refused(f"Stride {METHODS[method]}: no fitted step brings the fit noises closer to the reference "
                       f"than the uncalibrated base ({errors['base_error']:.4g}) {why}")
@@ -126,8 +126,8 @@ def fit_ems(ctx, sigmas, options):
     if not errors["held_out_error"] < errors["held_out_base_error"]:
         raise Refused(f"Stride DPM-Solver-v3: on the held-out calibration noises the measured statistics do no "
                       f"better ({errors['held_out_error']:.4g}) than plain DPM-Solver++ "
-                         f"({errors['held_out_base_error']:.4g}) on this schedule ({len(sigmas) - 1} steps); refused, "
-                         "nothing stored. Use UniPC or DPM-Solver++ for this model and cfg, or calibrate with more "
-                         "samples")
+                      f"({errors['held_out_base_error']:.4g}) on this schedule ({len(sigmas) - 1} steps); refused, "
+                      "nothing stored. Use UniPC or DPM-Solver++ for this model and cfg, or calibrate with more "
+                      "samples")
     values = {"lambdas": lambdas, "l": ems.l, "s": ems.s, "b": ems.b}
     return values, errors
