@@ -29,11 +29,27 @@ SPLIT_SEED, HELD_OUT_SHARE = 0, 0.2
 SEED = 0
 COMMON = {"batch": 128, "warmup": 50, "final_lr_share": 0.1, "weight_decay": 0.01, "grad_clip": 1.0,
           "ema": 0.995, "cond_dropout": 0.1}
+
+
+class MinSNR:
+    """Min-SNR weighting of the EPS loss (Hang et al. 2023): min(SNR, gamma) / SNR = min(1, gamma sigma^2). The plain
+    EPS loss spends most of its weight on low noise levels, and the UNets' samples kept salt-and-pepper noise."""
+
+    def __init__(self, gamma):
+        self.gamma = gamma
+
+    def __call__(self, sigma):
+        return (self.gamma * sigma.pow(2)).clamp(max=1.0)
+
+    def __repr__(self):  # as written in the weights' metadata
+        return f"min-SNR-{self.gamma:g}: min(1, {self.gamma:g} sigma^2) on the EPS loss"
+
+
 # Iterations sized for about 22 minutes in all on a 2-core CPU (s/iteration at batch 128: unet_small
 # 0.29, unet_large 0.73, dit_small 0.055, dit_large 0.17).
 PLAN = {
-    "unet_small": {"iterations": 1500, "lr": 2e-3},
-    "unet_large": {"iterations": 650, "lr": 1e-3},
+    "unet_small": {"iterations": 1500, "lr": 2e-3, "weighting": MinSNR(5.0)},
+    "unet_large": {"iterations": 650, "lr": 1e-3, "weighting": MinSNR(5.0)},
     "dit_small": {"iterations": 3000, "lr": 5e-4},
     "dit_large": {"iterations": 1500, "lr": 5e-4},
 }
@@ -67,7 +83,7 @@ def learning_rate(step, iterations, lr, warmup, final_share):
 
 def diffusion_loss(model, embedding, family, x0, labels, gen, weighting=None):
     """Mean squared error of the model's noise (EPS) or velocity (flow) prediction, through apply_model;
-    `weighting(sigma)`, if given, weighs each row (the shipped models were trained without one)."""
+    `weighting(sigma)`, if given, weighs each row (PLAN's UNets: MinSNR)."""
     n = x0.shape[0]
     eps = torch.randn(x0.shape, generator=gen)
     if family == "unet":
@@ -125,7 +141,7 @@ def train_model(nm, name, split):
         labels = split.train_y[idx].clone()
         labels[torch.rand(cfg["batch"], generator=gen) < cfg["cond_dropout"]] = nm.NULL_LABEL
         with autograd_context(family):
-            loss = diffusion_loss(model, embedding, family, split.train_x[idx], labels, gen)
+            loss = diffusion_loss(model, embedding, family, split.train_x[idx], labels, gen, cfg.get("weighting"))
             opt.zero_grad(set_to_none=True)
             loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])

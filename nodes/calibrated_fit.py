@@ -19,6 +19,7 @@ METHODS = {"dc_solver": "DC-Solver", "iia": "IIA", "dpm_solver_v3": "DPM-Solver-
 EXTENSIONS = {}
 EMS_POINTS = 40     # DPM-Solver-v3: lambda grid of the statistics
 TEACHER_POINTS = 24  # model samples for the statistics: a UniPC-3 solve on this many points
+NEUTRAL = {"dc_solver": 1.0, "iia": None}  # a step's value that leaves its base solver's update as it is
 
 
 class Refused(ValueError):
@@ -55,13 +56,11 @@ def fit_prefix(method, memo, ctx, x, sigmas, reference, options):
     closest to the reference there: steps are fitted one by one, and the whole run can still end worse."""
     if method == "dc_solver":
         values = dc_solver.search_ratios(memo, x, sigmas, reference, ctx.param, solver=options["solver"])
-        neutral = 1.0
     else:
         values = iia.fit_gammas(memo, x, sigmas, ctx.sigma_min, ctx.param, options["base"],
                                 reference=reference if options["target"] == "reference" else None)
-        neutral = None
     error = lambda v: float(mse(run_values(method, memo, x, sigmas, ctx.param, v, options), reference[-1]).mean())
-    prefixes = [values[:k] + [neutral] * (len(values) - k) for k in range(len(values) + 1)]
+    prefixes = [values[:k] + [NEUTRAL[method]] * (len(values) - k) for k in range(len(values) + 1)]
     scored = [(error(v), -k, v) for k, v in enumerate(prefixes)]
     best, base = min(scored, key=lambda t: t[:2]), scored[0]
     if best[2] != values:
@@ -87,8 +86,7 @@ def refuse_unless_better(method, ctx, sigmas, reference, values, errors, options
                       f"than the uncalibrated base ({errors['base_error']:.4g}) {why}")
     held = lambda v: float(mse(run_values(method, ctx.denoiser, ctx.x, sigmas, ctx.param, v, options),
                                reference)[held_rows].mean())
-    base = [1.0] * len(values) if method == "dc_solver" else [None] * len(values)
-    errors.update(held_out_error=held(values), held_out_base_error=held(base))
+    errors.update(held_out_error=held(values), held_out_base_error=held([NEUTRAL[method]] * len(values)))
     if not errors["held_out_error"] < errors["held_out_base_error"]:
         raise Refused(f"Stride {METHODS[method]}: on the held-out calibration noises the fitted run does no "
                       f"better ({errors['held_out_error']:.4g}) than the uncalibrated base "

@@ -9,6 +9,8 @@ import torch
 from bench import quality
 
 MIN_ACCURACY = {"unet_large": 0.8, "dit_large": 0.8, "unet_small": 0.6, "dit_small": 0.6}
+# The UNets' share of clean samples here: 85% both with the min-SNR-5 weights, 65% and 70% with the unweighted ones.
+MIN_CLEAN = {"unet_large": 0.75, "unet_small": 0.75}
 
 
 @pytest.fixture(scope="module")
@@ -32,13 +34,28 @@ def test_classifier_is_accurate_on_held_out_digits(stride, classifier):
 
 
 @pytest.mark.parametrize("name", list(MIN_ACCURACY))
-def test_trained_model_draws_the_requested_digits(classifier, name):
+def test_trained_model_draws_the_requested_digits(stride, classifier, name):
     x, labels, _, params = quality.generate(name, seeds=[0, 1], steps=20)
     assert x.shape == (20, 4, 8, 8) and params > 0
     assert torch.isfinite(x).all()
     accuracy = classifier.accuracy(x, labels)
     assert accuracy >= MIN_ACCURACY[name], \
         f"{name}: the classifier recognizes {accuracy:.0%} of its digits (predicted {classifier.predict(x).tolist()})"
+    clean = quality.clean_share(x, stride("demo.train").digits_split())
+    assert clean >= MIN_CLEAN.get(name, 0.0), f"{name}: {clean:.0%} of its samples are clean (salt-and-pepper noise)"
+
+
+def test_the_unets_are_trained_with_min_snr_weighting(stride):
+    """Min-SNR-gamma weighs the EPS loss by min(SNR, gamma) / SNR, SNR = 1 / sigma^2 for x = x0 + sigma eps; the
+    shipped UNets' metadata names the weighting they were trained with."""
+    train = stride("demo.train")
+    sigma = torch.tensor([0.03, 0.2, 0.44, 0.45, 1.0, 14.6])
+    snr = sigma.pow(-2)
+    assert torch.allclose(train.MinSNR(5.0)(sigma), snr.clamp(max=5.0) / snr)
+    for name in MIN_CLEAN:
+        weighting = train.PLAN[name]["weighting"]
+        assert weighting.gamma == 5.0
+        assert stride("nodes.neural_models").weights_metadata(name)["weighting"] == repr(weighting)
 
 
 def test_clean_share_counts_salt_and_pepper_samples(stride):
