@@ -42,7 +42,7 @@ CAL_METHODS = {
                                   "dpmpp_2m"),
 }
 CAL_SERVES = {"nfe": "one NFE", "setting": "every NFE"}
-REFUSED = "refused, nothing stored"  # a calibration that lost to its base on its held-out calibration noises
+REFUSED = "Refused: "  # a row's note when its node raised nodes.calibrated_fit.Refused (lost to its base)
 # The rows of the error table: (label, kind, name); kind "builtin": a SAMPLERS label on the calibrated solvers'
 # scheduler, "best": the best built-in run of the column (any sampler of the pool, any scheduler).
 CAL_TABLE = ([(f"{s} (ComfyUI)", "builtin", s) for s in ("uni_pc*", "uni_pc_bh2*", "dpmpp_2m", "euler", "heun")]
@@ -118,18 +118,19 @@ class Calibrations:
         model, counter = host.stride("nodes.counting").count_model_calls(self.setup.model)
         before = set(os.listdir(self.folder))
         start = time.perf_counter()
-        text, error = None, None
+        text, error, refused = None, None, False
         try:
             with torch.inference_mode():  # as ComfyUI's executor runs every node
                 text = nodes.NODE_CLASS_MAPPINGS[node].execute(model, self.positive, self.setup.negative, self.latent,
                                                                self.cfg, self.scheduler, steps, self.samples,
                                                                CAL_SEED, **options).result[0]
         except Exception as e:  # noqa: BLE001  a node that fails here fails for the user too: report it
-            error = f"{type(e).__name__}: {e}"
+            refused = isinstance(e, host.stride("nodes.calibrated_fit").Refused)
+            error = f"{type(e).__name__}: {e}"  # a refused one's note starts with REFUSED
         wall = time.perf_counter() - start
         new = sorted(set(os.listdir(self.folder)) - before)
         info = store.read(os.path.join(self.folder, new[0]), tensors=False)[1]["info"] if len(new) == 1 else {}
-        if text is not None or REFUSED in error:  # a refused calibration cost the user its evaluations too
+        if text is not None or refused:  # a refused calibration cost the user its evaluations too
             self.records.append({"model": self.setup.name, "cfg": self.cfg, "method": method, "serves": serves,
                                  "steps": steps, "nfe": nfe if serves == "nfe" else None, "samples": self.samples,
                                  "evaluations": counter.cond_rows / self.samples,  # in calibration batches
@@ -239,7 +240,8 @@ def calibrated_error_table(rows, model, cfg, nfes):
             if r is None:
                 out.append("")
             elif r.get("error") is None:
-                out.append("n/a" if r["note"].startswith("n/a") else "refused" if REFUSED in r["note"] else "failed")
+                note = r["note"]
+                out.append("n/a" if note.startswith("n/a") else "refused" if note.startswith(REFUSED) else "failed")
             elif not math.isfinite(r["error"]):
                 out.append("diverged")
             else:
@@ -350,7 +352,7 @@ def calibrated_failures(rows, refused=False):
     """The runs without an error that failed (refused=False) or whose calibration was refused (refused=True)."""
     return sorted({f"{r['sampler']} ({r['model']} cfg {r['cfg']:g}, NFE {r['target_nfe']}): {r['note']}"
                    for r in rows if r.get("error") is None and not r["note"].startswith("n/a")
-                   and (REFUSED in r["note"]) == refused})
+                   and r["note"].startswith(REFUSED) == refused})
 
 
 def report_calibrated(data, title):
