@@ -41,6 +41,16 @@ def test_the_numbers_of_which_node_when_come_from_the_runs_they_cite():
     assert "x1.5-1.8 wall time" in README
     dits = re.findall(r"DiT (?:8x8|32x32):\s+x(\d\.\d+) at", docs("bench_accel.md").split("## The run")[0])
     assert sorted(round(float(x), 1) for x in dits) == [1.5, 1.8]
+    # "beats the best built-in ... on the DiTs at most NFE (W of N), on the UNets in W of N and never at 4-6 NFE"
+    best = docs("bench_solvers.md").split("### Best Stride run against the best built-in run")[1].split("###")[0]
+    lines = [[c.strip() for c in line.strip("|").split("|")] for line in best.splitlines() if line.startswith("| ")]
+    nfes = [int(h.split()[1]) for h in lines[0][2:]]
+    cells = {family: [(n, c) for r in lines if r[0].startswith(family + "_") for n, c in zip(nfes, r[2:]) if c]
+             for family in ("dit", "unet")}
+    wins = {family: [n for n, c in v if c.startswith("**")] for family, v in cells.items()}  # bold: a win
+    assert (f"on the DiTs at most NFE ({len(wins['dit'])} of {len(cells['dit'])}), on the UNets in "
+            f"{len(wins['unet'])} of {len(cells['unet'])} and never at 4-6 NFE") in " ".join(README.split())
+    assert 2 * len(wins["dit"]) > len(cells["dit"]) and min(wins["unet"]) > 6
     # "does not pay" rows and stride_ddim_dualfast's "every setting measured": no loss against euler
     (dual,) = {tuple(r) for r in table_rows(docs("bench_solvers.md"), "stride_ddim_dualfast", "euler")}
     assert dual[2].endswith("/ 0") and dual[4].endswith("/ 0")
