@@ -109,13 +109,14 @@ def measure(per_digit, models=None, samplers=("euler",), steps=STEPS):
                      "scheduler": SCHEDULERS[name],
                      "accuracy": classifier.accuracy(x, labels), "worst_digit_accuracy": min(per_class),
                      "fd": frechet_distance(classifier.features(x).detach(), held),
-                     "clean": clean_share(x, split), "finite": bool(torch.isfinite(x).all()), "seconds": time.perf_counter() - start})
+                     "clean": clean_share(x, split), "finite": bool(torch.isfinite(x).all()),
+                     "seconds": time.perf_counter() - start})
     return rows, classifier.accuracy(split.held_x, split.held_y)
 
 
 def table(rows):
-    lines = ["| model | sampler | scheduler | parameters | ms / NFE | accuracy | worst digit | FD to held-out | clean |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | sampler | scheduler | parameters | ms / NFE | accuracy | worst digit | FD to held-out | "
+             "clean |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         params = "exact (analytic)" if r["model"].startswith("oracle") else \
             (f"{r['parameters'] / 1e6:.2f} M" if r["parameters"] else "")
@@ -148,7 +149,8 @@ def main():
     print(f"\nClassifier: an MLP on the latent, {100 * classifier_accuracy:.1f}% held-out accuracy on real digits. "
           "FD in its 64-d penultimate features against the held-out split; the first row is the floor "
           "(real digits, same count). Clean: as close to a training digit as "
-          f"{100 * CLEAN_QUANTILE:.0f}% of real held-out digits are. ms / NFE: a batch of 10 images with its CFG pair, CPU, one thread.")
+          f"{100 * CLEAN_QUANTILE:.0f}% of real held-out digits are. ms / NFE: a batch of 10 images with its CFG "
+          "pair, CPU, one thread.")
     write_json(args.json, {"per_digit": per_digit, "steps": args.steps, "cfg": CFG,
                            "classifier_held_out_accuracy": classifier_accuracy, "rows": rows})
 
